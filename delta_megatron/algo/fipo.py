@@ -1,0 +1,101 @@
+"""FIPO (baselines.md §6): advantages scaled by the clipped exp of the discounted future log-ratio.
+
+Δ_k = clamped log-ratio (detached); M_k = 1[Δ_k ≤ ln c]; γ = 2^{−1/τ_d};
+FutureKL_t = Σ_{k≥t} M_k γ^{k−t} Δ_k (current token included); f_t = clip(exp(FutureKL_t), f_lo, f_hi);
+safety: if A_t < 0 and r_t > safety_thresh, f_t ← clip(f_t, 0.8, 1.0); Ã_t = A_t·f_t feeds PPO-clip with
+the dual clip keyed on Ã < 0. A response with more than one dual-clipped negative token is dropped from
+the loss numerator. With global normalisers fixed before the forward, the dropped tokens stay in the
+normaliser (verl's per-mini-batch count would drop them too); the difference only matters for the
+rare responses the filter hits.
+
+The suffix sum runs as a chunked triangular matmul over a [sequences, max_len] view (chunk 128, as
+the reference), carrying the sum across chunks, so γ^k never underflows for long responses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from delta_megatron.algo.ppo_clip import TokenLoss, log_ratio, ppo_clip_from_ratio
+from delta_megatron.utils.configs import fail
+
+
+@dataclass
+class FIPOConfig:
+    decay_rate: float = 32.0  # τ_d, half-life in tokens
+    f_range: tuple[float, float] = (1.0, 1.2)
+    safety_thresh: float = 10.0
+    chunk: int = 128
+    seq_filter: bool = True
+
+    def validate(self) -> None:
+        if self.decay_rate <= 0:
+            fail("decay_rate", self.decay_rate, "must be > 0")
+        lo, hi = self.f_range
+        if not 0 < lo <= 1 <= hi:
+            fail("f_range", self.f_range, "need 0 < lower <= 1 <= upper")
+        if self.chunk < 1:
+            fail("chunk", self.chunk, "must be >= 1")
+
+
+def positions_in_sequence(seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """Position of each token inside its sequence; tokens of a sequence are contiguous and ordered."""
+    n = seq_index.numel()
+    arange = torch.arange(n, device=seq_index.device)
+    first = torch.full((num_seqs,), n, dtype=torch.long, device=seq_index.device)
+    first = first.scatter_reduce(0, seq_index, arange, "amin")
+    return arange - first[seq_index]
+
+
+def future_kl(delta: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, gamma: float,
+              chunk: int = 128) -> torch.Tensor:
+    """FutureKL_t = Σ_{k≥t} γ^{k−t} δ_k within each sequence. ``delta``: [tokens] (already masked)."""
+    pos = positions_in_sequence(seq_index, num_seqs)
+    length = int(pos.max()) + 1 if pos.numel() else 0
+    grid = torch.zeros(num_seqs, length, dtype=torch.float64, device=delta.device)  # [S, L]
+    grid[seq_index, pos] = delta.double()
+    out = torch.zeros_like(grid)
+    carry = torch.zeros(num_seqs, dtype=torch.float64, device=delta.device)
+    for start in reversed(range(0, length, chunk)):
+        width = min(chunk, length - start)
+        idx = torch.arange(width, dtype=torch.float64, device=delta.device)
+        gap = idx[None, :] - idx[:, None]  # [t, k] = k − t
+        tri = torch.where(gap >= 0, gamma ** gap.clamp(min=0), torch.zeros_like(gap))
+        block = grid[:, start:start + width] @ tri.T  # [S, width]
+        block = block + carry[:, None] * gamma ** (width - idx)[None, :]
+        out[:, start:start + width] = block
+        carry = block[:, 0]
+    return out[seq_index, pos].to(delta.dtype)
+
+
+def fipo_weights(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
+                 mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, cfg: FIPOConfig,
+                 dual_clip_c: float) -> torch.Tensor:
+    """Detached per-token factor f_t."""
+    delta = log_ratio(logp, logp_old).detach()
+    keep = (delta <= math.log(dual_clip_c)) & mask
+    gamma = 2.0 ** (-1.0 / cfg.decay_rate)
+    fkl = future_kl(torch.where(keep, delta, torch.zeros_like(delta)), seq_index, num_seqs, gamma,
+                    cfg.chunk)
+    f = torch.clamp(torch.exp(fkl), cfg.f_range[0], cfg.f_range[1])
+    unsafe = (advantages < 0) & (torch.exp(delta) > cfg.safety_thresh)
+    return torch.where(unsafe, torch.clamp(f, 0.8, 1.0), f)
+
+
+def fipo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, cfg: FIPOConfig,
+              clip_low: float = 0.2, clip_high: float = 0.28,
+              dual_clip_c: float = 10.0) -> tuple[TokenLoss, torch.Tensor]:
+    """Returns the token loss and the per-token keep mask of the sequence filter."""
+    f = fipo_weights(logp, logp_old, advantages, mask, seq_index, num_seqs, cfg, dual_clip_c)
+    ratio = torch.exp(log_ratio(logp, logp_old))
+    out = ppo_clip_from_ratio(ratio, advantages * f, clip_low, clip_high, dual_clip_c)
+    keep = mask
+    if cfg.seq_filter:
+        hits = torch.zeros(num_seqs, dtype=torch.long, device=mask.device)
+        hits = hits.index_add_(0, seq_index, (out.dual_clipped & mask).long())
+        keep = mask & (hits[seq_index] <= 1)
+    return out, keep

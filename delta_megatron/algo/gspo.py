@@ -1,0 +1,42 @@
+"""GSPO, token form (baselines.md §4): a length-normalised sequence ratio with token gradients.
+
+s_i = exp(mean_t ℓ_{i,t}); s_{i,t} = sg[s_i]·π_θ(y_t)/sg[π_θ(y_t)] has value s_i and gradient
+s_i·∇log π_θ(y_t), so it accepts token-level advantages (KTAE, DelTA). log s is clamped at ≤ 10.
+No dual clip. Under context parallelism the per-sequence (Σℓ, count) is all-reduced over the CP
+group — on detached values only, since the gradient never flows through s_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from delta_megatron.algo.ppo_clip import TokenLoss, ppo_clip_from_ratio
+from delta_megatron.utils.configs import check_range
+
+
+@dataclass
+class GSPOConfig:
+    clip_low: float = 3e-4
+    clip_high: float = 4e-4
+
+    def validate(self) -> None:
+        check_range("clip_low", self.clip_low, 0, 1)
+        check_range("clip_high", self.clip_high, 0, None)
+
+
+def gspo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int,
+              clip_low: float = 3e-4, clip_high: float = 4e-4, cp_group=None) -> TokenLoss:
+    lr = (logp - logp_old).detach() * mask
+    sums = torch.zeros(num_seqs, dtype=torch.float64).index_add_(0, seq_index, lr.double())
+    counts = torch.zeros(num_seqs, dtype=torch.float64).index_add_(0, seq_index, mask.double())
+    if cp_group is not None:
+        packed = torch.stack([sums, counts])
+        dist.all_reduce(packed, group=cp_group)
+        sums, counts = packed[0], packed[1]
+    log_s = torch.clamp(sums / counts.clamp(min=1), max=10.0).to(logp.dtype)[seq_index]
+    ratio = torch.exp(log_s + logp - logp.detach())  # value s_i, gradient s_i ∇logπ
+    return ppo_clip_from_ratio(ratio, advantages, clip_low, clip_high, dual_clip_c=None)

@@ -1,0 +1,126 @@
+"""Metrics sinks (jsonl, TensorBoard, optional W&B) and progress bars, written by rank 0 only.
+
+Every sink receives the same flat ``{name: float}`` dict per step; names use ``/`` to group
+(``train/pg_loss``, ``credit/lambda_bar_std``). The jsonl file is the source of truth for plots and
+tests; it is appended line by line and flushed so a killed run loses at most the current step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+def _is_rank0() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None
+        value = value.item()
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(float(value)):
+        return float(value)
+    return None
+
+
+class MetricsLogger:
+    def __init__(self, log_dir: str | Path, jsonl: bool = True, tensorboard: bool = True,
+                 wandb_project: str | None = None, run_name: str | None = None,
+                 config: dict | None = None, resume_step: int | None = None):
+        self.dir = Path(log_dir)
+        self.enabled = _is_rank0()
+        self._jsonl = None
+        self._tb = None
+        self._wandb = None
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if jsonl:
+            path = self.dir / "metrics.jsonl"
+            if resume_step is not None and path.exists():
+                _truncate_after(path, resume_step)  # drop steps the resumed run will redo
+            self._jsonl = open(path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=resume_step)
+        if wandb_project:
+            import wandb  # optional dependency
+
+            self._wandb = wandb.init(project=wandb_project, name=run_name, config=config,
+                                     dir=str(self.dir), resume="allow")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        flat = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
+        if not self.enabled:
+            return flat
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"step": step, "time": time.time(), **flat}) + "\n")
+            self._jsonl.flush()
+        if self._tb:
+            for k, v in flat.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb:
+            self._wandb.log(flat, step=step)
+        return flat
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+        if self._wandb:
+            self._wandb.finish()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", -1) < step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+@contextmanager
+def progress(description: str, total: int, enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar (no-op object when disabled or not rank 0)."""
+    if not (enabled and _is_rank0()):
+        yield _NullBar()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield _Bar(bar, task)
+
+
+class _Bar:
+    def __init__(self, bar, task):
+        self.bar, self.task = bar, task
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.advance(self.task, n)
+
+
+class _NullBar:
+    def advance(self, n: int = 1) -> None:
+        pass

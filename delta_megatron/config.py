@@ -14,6 +14,7 @@ from typing import Literal
 
 from delta_megatron.algo.config import AlgoConfig
 from delta_megatron.credit.config import CreditConfig
+from delta_megatron.reward.config import RewardConfig
 from delta_megatron.utils.configs import (
     ConfigError,
     apply_overrides,
@@ -159,10 +160,18 @@ class RolloutConfig:
 class DataConfig:
     train: str = "synthetic:arith"  # a jsonl/parquet path, or synthetic:<task>
     eval: list[str] = field(default_factory=list)
-    template: Literal["plain", "chat", "none"] = "plain"
+    template: Literal["auto", "plain", "chat", "none"] = "auto"  # auto: none for synthetic data
+    tokenizer: str | None = None  # HF tokenizer dir; default: model.hf_path, or the synthetic task's
     shuffle_seed: int = 0
     synthetic_digits: int = 3
     synthetic_size: int = 4096
+    max_eval_rows: int | None = None
+
+    @property
+    def resolved_template(self) -> str:
+        if self.template != "auto":
+            return self.template
+        return "none" if self.train.startswith("synthetic:") else "plain"
 
 
 @dataclass
@@ -234,6 +243,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     credit: CreditConfig = field(default_factory=CreditConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -253,9 +263,10 @@ class Config:
         if self.parallel.vpp and self.model.num_layers % (self.parallel.pp * self.parallel.vpp):
             fail("parallel.vpp", self.parallel.vpp,
                  f"pp*vpp must divide model.num_layers={self.model.num_layers}")
-        if self.algo.loss.name in ("gspo", "sapo") and \
-                self.algo.aggregation not in ("seq-mean-token-mean", "auto"):
-            pass  # allowed, but recipes follow verl, which forces seq-mean-token-mean
+        if self.algo.kl.estimator != "none":
+            fail("algo.kl.estimator", self.algo.kl.estimator,
+                 "a KL loss needs reference log-probs, which the Megatron actor does not compute yet; "
+                 "use none (the DAPO-family recipes run without KL)")
 
 
 def finalize(cfg: Config) -> Config:

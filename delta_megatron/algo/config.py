@@ -61,7 +61,6 @@ class AlgoConfig:
                          "seq-mean-token-sum-norm"] = "auto"
     loss_const: float | None = None  # Dr.GRPO L_const; default: rollout.max_new_tokens
     const_times_seqs: bool = True  # Dr.GRPO normaliser B·L_const (TRL, spec toy) vs L_const (verl)
-    reward: Literal["binary", "dapo"] = "binary"  # 1/0, or +1/−1 (math_dapo)
     kl: KLConfig = field(default_factory=KLConfig)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)

@@ -73,6 +73,7 @@ class TokenCredit(Protocol):
     def assign(self, inputs: CreditInputs, group: Any = None) -> CreditOutput: ...
 
 
-# A callback for methods that need extra no-grad forwards: given a list of token-id sequences,
-# return the sum of log-probs of the positions selected by ``score_mask`` for each sequence.
+# A callback for methods that need extra no-grad forwards: given full (prompt + response) token-id
+# sequences and boolean ``score_mask``s over the same positions, return per sequence the sum of
+# log p(y_t | y_<t) over the *target* positions t marked in its mask.
 ScoreFn = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]

@@ -1,0 +1,404 @@
+"""The Megatron actor: old-log-prob pass with capture (DelTA inside the output layer) and PPO training.
+
+Data layout. Every rank holds the whole RolloutBatch (tokens and per-sample fields are small). The
+batch is cut into PPO mini-batches by prompt group, each mini-batch is split over DP ranks by
+:meth:`RolloutBatch.dp_partition`, and each DP shard into token-budget micro-batches. The old-log-prob
+pass covers the union of a rank's train shards, so the per-token fields it writes (``logp_old``,
+``entropy``, ``credit_weight``) are exactly the ones that rank's train pass reads; entries of other
+ranks' tokens stay 0. Splits depend only on the batch and the layout, so every TP/PP peer builds the
+same micro-batches.
+
+DelTA. The last pipeline stage reads ``h`` (the LM-head input) and ``log p(y_t)`` of each micro-batch
+from the same chunked vocab-parallel kernel that produces ``logp_old`` and feeds a DeltaEngine whose
+statistics are summed over DP×CP (×TP when ``h`` is the sequence-parallel shard). ``cache`` mode needs
+no extra forward; ``moments`` / ``recompute`` re-run forward-only passes until the engine finishes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from delta_megatron.actor.microbatch import MicroBatch, build_microbatch
+from delta_megatron.actor.optimizer import build_optimizer, wrap_ddp
+from delta_megatron.algo import PolicyLossInputs, policy_loss
+from delta_megatron.algo.aggregation import LossNormalizer
+from delta_megatron.batch import RolloutBatch, balanced_partition
+from delta_megatron.config import Config
+from delta_megatron.credit.delta import scope_group
+from delta_megatron.models.gpt import build_model_chunks, output_weight, resolve_layer_spec, return_hidden, unwrap
+from delta_megatron.ops.logprob import chunked_logprob_from_hidden
+from delta_megatron.parallel import Groups, get_groups
+
+# A per-micro-batch transform of the loss mask from the current forward (Forking Tokens):
+# (entropy [n], mask [n], cp_group) -> mask [n]
+MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Capture:
+    """What the old-log-prob pass records besides ``logp_old`` (from ``credit.needs``)."""
+
+    entropy: bool = False
+    delta: Any = None  # a DeltaCredit: its engine is fed h and logp inside the output layer
+
+
+@dataclass
+class LossPlan:
+    """What the train pass needs from credit assignment."""
+
+    advantage_field: str = "advantage_tokens"  # per-token advantages after credit transforms
+    weight_field: str | None = None  # per-token loss multiplier (DelTA λ̄ · counterfactual w)
+    mask_field: str | None = None  # per-token 0/1 loss mask (DelTA token selection)
+    microbatch_mask: MaskFn | None = None  # Forking Tokens on the current entropy
+    microbatch_count: Callable[[int], int] | None = None  # selected tokens of a micro-batch of n
+    objective: str = "policy"  # "policy" (RL loss of cfg.algo) or "sft" (token-mean NLL, warm-up)
+
+
+class MegatronActor:
+    def __init__(self, cfg: Config, groups: Groups | None = None, total_optimizer_steps: int | None = None):
+        from megatron.core.distributed import finalize_model_grads
+
+        self.cfg = cfg
+        self.groups = groups or get_groups()
+        self.backend = resolve_layer_spec(cfg.parallel)
+        self.sp = cfg.parallel.sequence_parallel and cfg.parallel.tp > 1
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        chunks = build_model_chunks(cfg.model, cfg.parallel,
+                                    config_overrides={"calculate_per_token_loss": True})
+        if cfg.model.hf_path:
+            from delta_megatron.models.converter import hf_to_megatron
+
+            hf_to_megatron(chunks, cfg.model, cfg.model.hf_path)
+        self.model = wrap_ddp(chunks, cfg.parallel)
+        steps = total_optimizer_steps or cfg.train.steps * cfg.train.mini_batches * cfg.train.ppo_epochs
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg.model, cfg.parallel, cfg.train, steps)
+        config = unwrap(self.model[0]).config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        self.pad_multiple = cfg.parallel.tp if self.sp else 1
+        self.optimizer_steps = 0
+
+    # ------------------------------------------------------------------ planning
+    def minibatch_plan(self, batch: RolloutBatch) -> list[list[int]]:
+        """PPO mini-batches (global sample lists) cut along prompt groups, in batch order."""
+        groups = batch["group_id"] if "group_id" in batch else torch.arange(batch.num_seqs)
+        _, first = torch.unique(groups, return_inverse=True)
+        order = sorted(range(batch.num_seqs), key=lambda i: (int(first[i]), i))
+        num_groups = int(first.max()) + 1 if batch.num_seqs else 0
+        parts = min(self.cfg.train.mini_batches, max(num_groups, 1))
+        bounds = [round(num_groups * k / parts) for k in range(parts + 1)]
+        return [[i for i in order if bounds[k] <= int(first[i]) < bounds[k + 1]] for k in range(parts)]
+
+    def local_shards(self, batch: RolloutBatch) -> list[list[int]]:
+        """This rank's DP shard of each mini-batch."""
+        lens = batch.seq_lens.tolist()
+        shards = []
+        for mini in self.minibatch_plan(batch):
+            parts = balanced_partition([lens[i] for i in mini], self.groups.dp_size)
+            shards.append([mini[j] for j in parts[self.groups.dp_rank]])
+        return shards
+
+    def _microbatches(self, batch: RolloutBatch, samples: list[int], budget: int) -> list[MicroBatch]:
+        return [build_microbatch(batch, mb, self.pad_multiple, backend=self.backend)
+                for mb in batch.micro_batches(budget, samples)]
+
+    # ------------------------------------------------------------------ running the schedule
+    def _run(self, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not mbs:
+            return []
+        device = self.device
+
+        def forward_step(data_iterator: Iterator[MicroBatch], model):
+            mb = next(data_iterator)
+            mask = None if mb.attention_mask is None else mb.attention_mask.to(device)
+            with return_hidden(model):
+                out = model(mb.input_ids.to(device), mb.position_ids.to(device), mask,
+                            packed_seq_params=mb.packed_seq_params)
+            return out, partial(loss_fn, mb)
+
+        iters = [iter(mbs) for _ in self.model]
+        fb = get_forward_backward_func()
+        return fb(forward_step_func=forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
+                  model=self.model if len(self.model) > 1 else self.model[0],
+                  num_microbatches=len(mbs), seq_length=max(mb.seq_len for mb in mbs),
+                  micro_batch_size=1, forward_only=forward_only)
+
+    def _logprobs(self, mb: MicroBatch, hidden: torch.Tensor, with_entropy: bool):
+        """Chunked vocab-parallel log p(y_t) (and H_t) of the row's targets: ``[S]`` each."""
+        last = unwrap(self.model[-1])
+        out = chunked_logprob_from_hidden(
+            hidden.transpose(0, 1), output_weight(last), mb.targets.view(-1, 1).to(self.device),
+            self.groups.tp, self.cfg.train.logprob_chunk_tokens,
+            temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
+            sequence_parallel=self.sp, with_entropy=with_entropy)
+        ent = out.entropy.view(-1) if out.entropy is not None else None
+        return out.logp.view(-1), ent
+
+    def _local_rows(self, mb: MicroBatch) -> slice:
+        """Rows of ``h`` this rank holds: its sequence-parallel shard, or all of them."""
+        if not self.sp:
+            return slice(0, mb.seq_len)
+        size = mb.seq_len // self.groups.tp_size
+        return slice(self.groups.tp_rank * size, (self.groups.tp_rank + 1) * size)
+
+    # ------------------------------------------------------------------ old-log-prob pass
+    @torch.no_grad()
+    def old_logprobs(self, batch: RolloutBatch, capture: Capture | None = None) -> dict[str, float]:
+        """Adds ``logp_old`` (and ``entropy``, DelTA ``credit_delta``) token fields for this rank's
+        tokens. Returns DelTA metrics (empty without DelTA)."""
+        capture = capture or Capture()
+        for chunk in self.model:
+            chunk.eval()
+        samples = sorted(i for shard in self.local_shards(batch) for i in shard)
+        mbs = self._microbatches(batch, samples, self.cfg.train.max_tokens_per_gpu_logprob)
+        logp = torch.zeros(batch.num_tokens)
+        entropy = torch.zeros(batch.num_tokens) if capture.entropy else None
+        engine = None
+        if capture.delta is not None and self.groups.is_last_stage:
+            if capture.delta.cfg.proxy != "output_row":
+                raise NotImplementedError("credit.delta.proxy: 'topk_hidden' runs in the single-process "
+                                          "credit library only; the actor supports 'output_row'")
+            group = scope_group(capture.delta.cfg.scope, h_sequence_sharded=self.sp)
+            engine = capture.delta.engine(self.cfg.model.hidden_size, group, device=self.device)
+        adv_tokens = batch["advantage_tokens"] if engine is not None else None
+
+        def observe(p: int, mb_id: int, mb: MicroBatch, hidden: torch.Tensor, lp: torch.Tensor) -> None:
+            rows = self._local_rows(mb)  # hidden: [1, S(/TP), d], this rank's rows
+            engine.observe(p, mb_id, h=hidden[0].float(), logp=lp[rows].float(),
+                           adv=mb.gather(adv_tokens)[rows].to(self.device).float(),
+                           mask=mb.response[rows].to(self.device))
+
+        def loss_fn(mb: MicroBatch, hidden: torch.Tensor, p: int = 0):
+            lp, ent = self._logprobs(mb, hidden, capture.entropy and p == 0)
+            if p == 0:
+                valid = mb.target_index >= 0
+                logp[mb.target_index[valid]] = lp.cpu()[valid]
+                if entropy is not None:
+                    entropy[mb.target_index[valid]] = ent.cpu()[valid]
+            if engine is not None:
+                observe(p, mb_ids[id(mb)], mb, hidden, lp)
+            return torch.zeros((), device=self.device), torch.tensor(0, dtype=torch.int), {}
+
+        mb_ids = {id(mb): i for i, mb in enumerate(mbs)}
+        metrics: dict[str, float] = {}
+        self._run(mbs, partial(_call_with_pass, loss_fn, 0), forward_only=True)
+        if engine is not None:
+            engine.end_pass(0)
+        for p in self._extra_passes(engine):
+            self._run(mbs, partial(_call_with_pass, loss_fn, p), forward_only=True)
+            if engine is not None:
+                engine.end_pass(p)
+        batch.add_token_field("logp_old", logp, overwrite=True)
+        if entropy is not None:
+            batch.add_token_field("entropy", entropy, overwrite=True)
+        if engine is not None:
+            credit = torch.zeros(batch.num_tokens)
+            for i, mb in enumerate(mbs):
+                values = self._gather_tp_rows(mb, engine.values(i).float())
+                valid = mb.target_index >= 0
+                credit[mb.target_index[valid]] = values.cpu()[valid]
+            batch.add_token_field("credit_delta", credit, overwrite=True)
+            metrics = {f"credit/{k}": float(v) for k, v in engine.metrics.items()}
+        return metrics
+
+    @torch.no_grad()
+    def score_sequences(self, seqs: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+        """The credit library's ``ScoreFn``: per sequence, Σ log p(y_t | y_<t) over the positions t
+        marked in its mask (no-grad forwards; every rank scores every sequence, result from the last
+        pipeline stage)."""
+        scored = RolloutBatch.from_samples([s[:1].tolist() for s in seqs], [s[1:].tolist() for s in seqs])
+        logp = torch.zeros(scored.num_tokens)
+
+        def loss_fn(mb: MicroBatch, hidden: torch.Tensor):
+            lp, _ = self._logprobs(mb, hidden, with_entropy=False)
+            valid = mb.target_index >= 0
+            logp[mb.target_index[valid]] = lp.cpu()[valid]
+            return torch.zeros((), device=self.device), torch.tensor(0, dtype=torch.int), {}
+
+        mbs = self._microbatches(scored, list(range(scored.num_seqs)),
+                                 self.cfg.train.max_tokens_per_gpu_logprob)
+        self._run(mbs, loss_fn, forward_only=True)
+        flat = torch.cat([m.bool() for m in masks])
+        sums = torch.zeros(len(seqs), dtype=torch.float64)
+        sums.index_add_(0, scored.seq_index[flat], logp[flat].double())
+        if self.groups.pp_size > 1:
+            last = dist.get_process_group_ranks(self.groups.pp)[-1]
+            dist.broadcast(sums, src=last, group=self.groups.pp)
+        return sums
+
+    def _extra_passes(self, engine) -> Iterator[int]:
+        """Further forward-only passes the DelTA engine asks for (moments / recompute modes). The
+        last stage decides; the decision is broadcast over the pipeline so every stage runs them."""
+        p = 1
+        while True:
+            more = torch.tensor([0], dtype=torch.long)
+            if engine is not None:
+                more[0] = int(not engine.finished)
+            if self.groups.pp_size > 1:
+                last = dist.get_process_group_ranks(self.groups.pp)[-1]
+                dist.broadcast(more, src=last, group=self.groups.pp)
+            if not int(more[0]):
+                return
+            yield p
+            p += 1
+
+    def _gather_tp_rows(self, mb: MicroBatch, local: torch.Tensor) -> torch.Tensor:
+        """λ̄ of the sequence-parallel shard → the whole row (every TP rank computes the loss)."""
+        if not self.sp:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.groups.tp_size)]
+        dist.all_gather(parts, local.contiguous(), group=self.groups.tp)
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ train pass
+    def train(self, batch: RolloutBatch, plan: LossPlan | None = None) -> dict[str, float]:
+        """PPO epochs over the mini-batches of ``batch``; one optimizer step per mini-batch."""
+        plan = plan or LossPlan()
+        for chunk in self.model:
+            chunk.train()
+        totals: dict[str, float] = {}
+        steps = 0
+        for _ in range(self.cfg.train.ppo_epochs):
+            for mini, local in zip(self.minibatch_plan(batch), self.local_shards(batch)):
+                stats = self._train_minibatch(batch, mini, local, plan)
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                steps += 1
+        return {k: v / max(steps, 1) for k, v in totals.items()}
+
+    def _train_minibatch(self, batch: RolloutBatch, mini: list[int], local: list[int],
+                         plan: LossPlan) -> dict[str, float]:
+        mbs = self._microbatches(batch, local, self.cfg.train.max_tokens_per_gpu_train)
+        loss_mask = batch.loss_mask.clone()
+        if plan.mask_field is not None:
+            loss_mask &= batch[plan.mask_field].bool()
+        normalizer = self._normalizer(batch, mini, mbs, loss_mask, plan)
+        total_resp = float(batch.loss_mask[batch.token_indices(mini)].sum())
+        resp_lens = torch.zeros(batch.num_seqs)
+        resp_lens.index_add_(0, batch.seq_index, loss_mask.float())
+        if plan.objective == "sft":  # no old policy: zeros keep the shared code path simple
+            fields = {"logp_old": torch.zeros(batch.num_tokens), plan.advantage_field: torch.zeros(batch.num_tokens)}
+        else:
+            fields = {name: batch[name] for name in ("logp_old", plan.advantage_field)}
+        weight = batch[plan.weight_field] if plan.weight_field else None
+        need_entropy = plan.microbatch_mask is not None
+        collected: list[dict] = []
+
+        def loss_fn(mb: MicroBatch, hidden: torch.Tensor):
+            lp, ent = self._logprobs(mb, hidden, need_entropy)
+            rows = (mb.response & (mb.target_index >= 0)).nonzero().flatten()
+            idx = mb.target_index[rows]
+            mask = loss_mask[idx].to(self.device)
+            if plan.microbatch_mask is not None:
+                cp = self.groups.cp if self.groups.cp_size > 1 else None  # CP shards select together
+                mask = plan.microbatch_mask(ent[rows.to(self.device)].detach(), mask, cp)
+            seq_global = batch.seq_index[idx]
+            seqs, seq_local = torch.unique(seq_global, return_inverse=True)
+            inp = PolicyLossInputs(
+                logp=lp[rows.to(self.device)], logp_old=fields["logp_old"][idx].to(self.device),
+                advantages=fields[plan.advantage_field][idx].to(self.device), mask=mask,
+                seq_index=seq_local.to(self.device), seq_lengths=resp_lens[seqs].to(self.device),
+                num_seqs=int(seqs.numel()), normalizer=normalizer,
+                token_weight=None if weight is None else weight[idx].to(self.device),
+                cp_group=self.groups.cp if self.groups.cp_size > 1 else None)
+            if plan.objective == "sft":
+                share = -(lp[rows.to(self.device)] * mask).sum() / max(normalizer.num_tokens, 1.0)
+                metrics = {"pg_loss": share.detach()}
+            else:
+                share, metrics = policy_loss(self.cfg.algo, inp)
+            collected.append({k: float(v) for k, v in metrics.items()})
+            n_local = torch.tensor(int(rows.numel()), dtype=torch.int)
+            return share * total_resp, n_local, {}
+
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self._run(mbs, loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+            self.optimizer_steps += 1
+        stats = self._reduce_metrics(collected)
+        stats["train/grad_norm"] = float(grad_norm or 0.0)
+        stats["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
+        stats["train/update_skipped"] = float(not ok)
+        return stats
+
+    def _normalizer(self, batch: RolloutBatch, mini: list[int], mbs: list[MicroBatch],
+                    loss_mask: torch.Tensor, plan: LossPlan) -> LossNormalizer:
+        """Mini-batch totals over all DP ranks (forking: Σ of selected counts per micro-batch)."""
+        if plan.microbatch_count is not None:
+            local = sum(plan.microbatch_count(int((loss_mask[mb.target_index[mb.response]]).sum()))
+                        for mb in mbs)
+            count = torch.tensor([float(local)], dtype=torch.float64)
+            dist.all_reduce(count, group=self.groups.dp_cp)
+            num_tokens = float(count[0])
+        else:
+            num_tokens = float(loss_mask[batch.token_indices(mini)].sum())
+        const = self.cfg.algo.loss_const or float(self.cfg.rollout.max_new_tokens)
+        return LossNormalizer(num_tokens, float(len(mini)), const, self.cfg.algo.const_times_seqs)
+
+    def _reduce_metrics(self, collected: list[dict]) -> dict[str, float]:
+        """Metric shares summed over micro-batches and DP×CP ranks; sent from the last stage."""
+        names = ["pg_loss", "clip_frac", "dual_clip_frac", "ppo_kl", "ratio_mean", "kl_loss"]
+        buf = torch.zeros(len(names), dtype=torch.float64)
+        for metrics in collected:
+            for i, n in enumerate(names):
+                buf[i] += metrics.get(n, 0.0)
+        if self.groups.is_last_stage:
+            dist.all_reduce(buf, group=self.groups.dp_cp)
+        if self.groups.pp_size > 1:
+            last = dist.get_process_group_ranks(self.groups.pp)[-1]
+            dist.broadcast(buf, src=last, group=self.groups.pp)
+        return {f"train/{n}": float(v) for n, v in zip(names, buf)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path) -> None:
+        """Model and optimizer as a megatron dist-ckpt (resharding-capable), plus the LR schedule.
+        Collective: every rank writes its shards into ``path``."""
+        from megatron.core import dist_checkpointing
+
+        path.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(_sharded_state(self), str(path), async_sharded_save=False)
+        if self.groups.rank == 0:
+            torch.save({"scheduler": self.scheduler.state_dict(), "optimizer_steps": self.optimizer_steps},
+                       path / "schedule.pt")
+
+    def load_checkpoint(self, path) -> None:
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load(_sharded_state(self), str(path))
+        for i, m in enumerate(self.model):
+            unwrap(m).load_state_dict(state[f"model{i}"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        extra = torch.load(path / "schedule.pt", weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.optimizer_steps = int(extra["optimizer_steps"])
+
+    # ------------------------------------------------------------------ weights
+    def named_hf_weights(self, bucket_bytes: int = 512 << 20) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """HF-named full tensors in buckets, yielded on the weight-sender rank of each pipeline stage
+        (TP rank 0 of the first DP×CP replica). Collective over TP: every rank must iterate it."""
+        from delta_megatron.models.converter import megatron_to_hf
+
+        if self.groups.dp_cp_rank != 0:  # other replicas hold the same weights
+            return
+        yield from megatron_to_hf([unwrap(m) for m in self.model], self.cfg.model, bucket_bytes=bucket_bytes,
+                                  tp_group=self.groups.tp)
+
+
+def _call_with_pass(fn, p, mb, hidden):
+    return fn(mb, hidden, p)
+
+
+def _sharded_state(actor: "MegatronActor") -> dict:
+    model_sd = {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(actor.model)}
+    return {**model_sd, "optimizer": actor.optimizer.sharded_state_dict(
+        model_sd if len(actor.model) > 1 else model_sd["model0"])}

@@ -1,0 +1,618 @@
+"""DelTA: discriminative token credit assignment (docs/methods/delta.md).
+
+Each valid response token gets a loss weight λ̄ from how much closer its token-gradient proxy
+``v = (1 − p(y)) h`` lies to its own side's advantage-weighted centroid than to the opposite side's
+(§3–§5). Written as *accumulate per pass → one all-reduce (sum) → finish* (§9), so the same code is
+the single-process reference and the sharded production path:
+
+    engine = DeltaEngine(cfg, hidden_size=d, group=pg)         # pg: see ``scope_group``
+    for p in engine.data_passes():                              # cache: 1, moments: K+2, recompute: K+3
+        for key, mb in micro_batches:
+            engine.observe(p, key, h=mb.h, logp=mb.logp, adv=mb.adv, mask=mb.mask)
+        engine.end_pass(p)                                      # one all-reduce, on every rank
+    lam_bar = engine.lambda_bar(key)                            # [n] for each observed chunk
+
+Data passes include the old-log-prob pass itself, so the extra transformer forwards are 0 (cache:
+``v`` is kept and the remaining passes run internally), K+1 (moments: γ^(0) from per-side first and
+second moments, §9.3) and K+2 (recompute, the paper's count, §7.3). Recompute passes must reproduce
+the same ``h``/``logp`` (deterministic no-grad forwards). ``delta_reference`` is the literal §6.1
+algorithm with explicit two-distance margins; the tests hold the engine to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from delta_megatron.credit.base import CreditInputs, CreditNeeds, CreditOutput
+from delta_megatron.credit.delta_stats import (
+    Chunk,
+    FlatStats,
+    all_reduce,
+    gamma_from_moments,
+    group_size,
+    kth_largest,
+    margin,
+    output_row_proxy,
+    scope_group,
+    side_gamma,
+    side_sums,
+    stage_slots,
+    topk_hidden_proxy,
+    topk_logits_from_hidden,
+)
+from delta_megatron.utils.configs import fail, validate
+
+__all__ = ["DeltaConfig", "DeltaCredit", "DeltaEngine", "DeltaState", "delta_reference", "margin",
+           "output_row_proxy", "scope_group", "topk_hidden_proxy", "topk_logits_from_hidden"]
+MODES = ("cache", "moments", "recompute")
+SELECTIONS = ("none", "top50", "bottom50", "random50")
+
+
+@dataclass
+class DeltaConfig:
+    """DelTA hyper-parameters and the §8 ablation switches (defaults = the paper's main runs).
+
+    ``selection`` (token-selection diagnostic, §8 / A10): rank all valid tokens of the scope by λ and
+    keep the top / bottom / a random 50 % (ties at the cut are all kept). The output is then a loss
+    *mask* and the loss is the plain unweighted token-mean over the **selected** tokens, i.e. the
+    actor's global normaliser counts selected tokens instead of all valid ones.
+
+    ``scope`` is applied through the process group the engine reduces over
+    (``DeltaCredit.process_group``). Random draws (``random_lambda``, ``random50``) follow each
+    rank's observation order from ``seed``: these controls are random, not layout-invariant.
+    """
+
+    K: int = 1  # refinement iterations (§4.3)
+    lambda_range: tuple[float, float] = (0.8, 1.2)  # [λ_min, λ_max] (§5)
+    mode: Literal["cache", "moments", "recompute"] = "cache"
+    cache_dtype: Literal["float32", "bfloat16"] = "float32"  # "float32": ≥ fp32 (fp64 input stays fp64)
+    scope: Literal["global", "dp_shard"] = "global"  # A1: rollout batch, or [C]'s per-DP-rank shard
+    proxy: Literal["output_row", "topk_hidden"] = "output_row"  # §2.1 / §2.2
+    topk_k: int = 16  # K of the top-K hidden-gradient proxy (A11: unstated, 16 or 32)
+    eps: float = 1e-8  # mass / Z clamp
+    eps_gamma: float = 1e-8  # variance floor of γ
+    within_side_only: bool = False  # §8: α = σ(−‖v−μ_own‖²/γ_own), γ = std over own side (A11)
+    frozen_gamma: bool = False  # §8 "w/o adaptive γ" (A3): γ^(0) of the first batch, then frozen
+    hard_assignment: bool = False  # §8 "w/o h(α)": α = 1[Δ > 0]
+    lambda_norm: bool = True  # §8 "w/o λ-norm" when False: the weight is λ, not λ̄
+    range_map: bool = True  # §8 "w/o range map" when False: weight α, Z0 tokens 0 (A14)
+    random_lambda: bool = False  # §8 "Random λ": uniform on [λ_min, λ_max] (Z0 tokens: λ_min)
+    seed: int = 0  # random λ / random50 selection
+    selection: Literal["none", "top50", "bottom50", "random50"] = "none"
+
+    def validate(self) -> None:
+        if not 0 <= self.K <= 3:
+            fail("K", self.K, "must be in 0..3")
+        lo, hi = self.lambda_range
+        if not 0.0 <= lo < hi:
+            fail("lambda_range", self.lambda_range, "need 0 <= lower bound < upper bound")
+        for name, allowed in (("mode", MODES), ("cache_dtype", ("float32", "bfloat16")),
+                              ("scope", ("global", "dp_shard")),
+                              ("proxy", ("output_row", "topk_hidden")), ("selection", SELECTIONS)):
+            if getattr(self, name) not in allowed:
+                fail(name, getattr(self, name), "allowed: " + ", ".join(allowed))
+        if self.topk_k < 1:
+            fail("topk_k", self.topk_k, "must be >= 1")
+        for name in ("eps", "eps_gamma"):
+            if not getattr(self, name) > 0:
+                fail(name, getattr(self, name), "must be > 0")
+        if self.mode == "moments" and self.within_side_only:
+            fail("mode", self.mode, "'moments' needs the two-centroid margin (§9.3); with "
+                 "within_side_only use 'cache' or 'recompute'")
+        if self.within_side_only and self.hard_assignment:
+            fail("hard_assignment", True, "with within_side_only Δ = −‖v−μ‖² ≤ 0, so α ≡ 0")
+        if self.frozen_gamma and self.hard_assignment:
+            fail("frozen_gamma", True, "has no effect with hard_assignment (γ unused)")
+        if self.random_lambda:
+            for name in ("within_side_only", "frozen_gamma", "hard_assignment"):
+                if getattr(self, name):
+                    fail(name, True, "has no effect with random_lambda")
+            if not self.range_map:
+                fail("range_map", False, "random_lambda draws from lambda_range; keep range_map")
+
+
+# ------------------------------------------------------------------- literal reference (§6.1)
+
+def _pick_top(values: torch.Tensor, kind: str) -> torch.Tensor:
+    """Sort-based 50 % selection (brute force for ``kth_largest``); ties at the cut are kept."""
+    n = values.numel()
+    k = (n + 1) // 2
+    if kind == "bottom":
+        return values <= values.sort().values[k - 1]
+    return values >= values.sort(descending=True).values[k - 1]
+
+
+def delta_reference(v: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cfg: DeltaConfig,
+                    *, frozen_gamma: tuple[float, float] | None = None, seed: int = 0,
+                    details: dict[str, Any] | None = None) -> torch.Tensor:
+    """Single-process DelTA over one scope, following §6.1 literally (two explicit squared distances).
+
+    v [n, d] proxies, advantages [n], mask [n] bool. Returns λ̄ [n] (0 outside ``mask``), or the bool
+    selection mask when ``cfg.selection`` is set. ``frozen_gamma`` replaces every γ (A3); ``details``
+    (optional) receives μ, γ^(0), the final γ and the degenerate flag.
+    """
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    vv, adv = v[mask].to(dtype), advantages[mask].to(dtype)  # [nv, d], [nv]
+    pos, neg = adv > 0, adv < 0
+    w = adv.abs()
+    lam_min, lam_max = cfg.lambda_range
+    gen = torch.Generator().manual_seed(seed)
+    degenerate = not (bool(pos.any()) and bool(neg.any()))
+    details = {} if details is None else details
+    details["degenerate"] = degenerate
+
+    def wmean(weight: torch.Tensor) -> torch.Tensor:  # Σ weight·v / max(Σ weight, ε)
+        return (weight.unsqueeze(-1) * vv).sum(0) / weight.sum().clamp(min=cfg.eps)
+
+    def own_margin(mu_pos: torch.Tensor, mu_neg: torch.Tensor) -> torch.Tensor:  # Δ^± (§4.1)
+        d_pos = ((vv - mu_pos) ** 2).sum(-1)
+        d_neg = ((vv - mu_neg) ** 2).sum(-1)
+        if cfg.within_side_only:
+            return torch.where(pos, -d_pos, -d_neg)
+        return torch.where(pos, d_neg - d_pos, d_pos - d_neg)
+
+    def side_std(delta: torch.Tensor) -> torch.Tensor:  # unweighted population std per side
+        return torch.stack([delta[s].var(unbiased=False).clamp(min=cfg.eps_gamma).sqrt()
+                            for s in (pos, neg)])
+
+    def alpha(delta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        if cfg.hard_assignment:
+            return (delta > 0).to(dtype)
+        return torch.sigmoid(delta / torch.where(pos, gamma[0], gamma[1]))
+
+    if cfg.random_lambda:
+        u = torch.rand(vv.shape[0], generator=gen, dtype=torch.float64).to(dtype)
+        lam = torch.where(pos | neg, lam_min + (lam_max - lam_min) * u, torch.full_like(u, lam_min))
+    elif not degenerate:
+        mu_pos, mu_neg = wmean(w * pos), wmean(w * neg)  # μ^(0) (§3.1)
+        gamma = side_std(own_margin(mu_pos, mu_neg))  # γ^(0) (§4.2)
+        details["gamma0"] = gamma.clone()
+        if frozen_gamma is not None:
+            gamma = torch.tensor(frozen_gamma, dtype=dtype)
+        for _ in range(cfg.K):  # refinement with lagged γ (§4.3)
+            delta = own_margin(mu_pos, mu_neg)
+            a = alpha(delta, gamma)
+            gamma_next = side_std(delta)
+            mu_pos, mu_neg = wmean(w * a * pos), wmean(w * a * neg)
+            if not cfg.frozen_gamma:
+                gamma = gamma_next
+        a = alpha(own_margin(mu_pos, mu_neg), gamma)  # final α* (§4.3)
+        details.update(mu_pos=mu_pos, mu_neg=mu_neg, gamma=gamma)
+        if cfg.range_map:  # §5; Z0 tokens λ_min
+            lam = torch.where(pos | neg, lam_min + (lam_max - lam_min) * a, torch.full_like(a, lam_min))
+        else:  # A14: raw α, Z0 tokens 0
+            lam = torch.where(pos | neg, a, torch.zeros_like(a))
+    if degenerate:  # A8: plain DAPO
+        lam_bar = torch.ones(vv.shape[0], dtype=dtype)
+    elif cfg.lambda_norm:  # λ̄ = λ·N_tok/Z (§5)
+        lam_bar = lam * vv.shape[0] / lam.sum().clamp(min=cfg.eps)
+    else:
+        lam_bar = lam
+    if cfg.selection != "none":
+        if degenerate or vv.shape[0] == 0:
+            sel = torch.ones(vv.shape[0], dtype=torch.bool)
+        elif cfg.selection == "random50":
+            sel = _pick_top(torch.rand(vv.shape[0], generator=gen, dtype=torch.float64), "top")
+        else:
+            sel = _pick_top(lam, "top" if cfg.selection == "top50" else "bottom")
+        out = torch.zeros(mask.shape[0], dtype=torch.bool)
+        out[mask] = sel
+        return out
+    out = torch.zeros(mask.shape[0], dtype=dtype)
+    out[mask] = lam_bar
+    return out
+
+
+# -------------------------------------------------------------------- production engine (§9)
+
+@dataclass
+class DeltaState:
+    """What survives across rollout batches: the frozen γ of the A3 ablation and counters."""
+
+    frozen_gamma: tuple[float, float] | None = None
+    batches: int = 0
+    degenerate_batches: int = 0
+
+
+class DeltaEngine:
+    """One rollout batch of DelTA over the tokens of ``group`` (the scope).
+
+    The caller picks ``group`` (``scope_group``): DP×CP for the global scope, ×TP when ``h`` is read
+    SP-sharded; the engine only sums what each rank observes, so every token of the scope must be
+    observed exactly once across the group. ``end_pass`` and finishing are collectives: every rank
+    calls them the same number of times (ranks may observe no chunk; pass ``device`` then).
+    ``state`` carries the frozen γ and counters across batches (owned by ``DeltaCredit``).
+    """
+
+    def __init__(self, cfg: DeltaConfig, hidden_size: int, group: Any = None, *,
+                 state: DeltaState | None = None, seed: int = 0,
+                 device: torch.device | str | None = None):
+        validate(cfg, "credit.delta")
+        if hidden_size < 1:
+            raise ValueError(f"DeltaEngine: hidden_size={hidden_size} must be >= 1")
+        self.cfg, self.d, self.group = cfg, hidden_size, group
+        self.state = state if state is not None else DeltaState()
+        self._gen = torch.Generator().manual_seed(seed)
+        self._device = torch.device(device) if device is not None else None
+        self._dtype: torch.dtype | None = None
+        self._frozen = cfg.frozen_gamma and self.state.frozen_gamma is not None
+        need_gamma0 = not cfg.hard_assignment and not self._frozen
+        self._moments = cfg.mode == "moments" and need_gamma0
+        if cfg.random_lambda:
+            self.stages = ["random"]
+        else:
+            gamma_pass = ["gamma"] if need_gamma0 and cfg.mode != "moments" else []
+            self.stages = ["collect"] + gamma_pass + ["refine"] * cfg.K + ["final"]
+        self._stage = 0
+        self._pass = 0
+        self._chunks: dict[Hashable, Chunk] = {}
+        self._stats: FlatStats | None = None
+        self._extremes: torch.Tensor | None = None  # [4] local max of (λ, −λ, Δ, −Δ)
+        self.mu: torch.Tensor | None = None  # [2, d] float64 current centroids (+, −)
+        self.gamma: torch.Tensor | None = None  # [2] γ used by the next assignment
+        self.gamma0: torch.Tensor | None = None
+        self.gamma_next: torch.Tensor | None = None  # std of the final margins (γ^(K+1))
+        self.counts = torch.zeros(3, dtype=torch.float64)  # tokens (+, −, 0) in the scope
+        self.mass = torch.zeros(2, dtype=torch.float64)  # M_± of μ^(0)
+        self.degenerate = False
+        self.finished = False
+        self.metrics: dict[str, float] = {}
+        self._scale = 1.0
+        self._threshold: float | None = None
+
+    # ---------------------------------------------------------------- driving API
+    @property
+    def num_data_passes(self) -> int:
+        """Data passes the caller must feed (1 less than planned only once a batch is degenerate)."""
+        return 1 if self.cfg.mode == "cache" else len(self.stages)
+
+    def data_passes(self) -> Iterator[int]:
+        """Yield pass indices until finished; stops early on a degenerate batch."""
+        while not self.finished:
+            p = self._pass
+            yield p
+            if self._pass == p and not self.finished:
+                raise RuntimeError(f"DeltaEngine: call end_pass({p}) before asking for the next pass")
+
+    def observe(self, p: int, key: Hashable, *, adv: torch.Tensor, mask: torch.Tensor,
+                h: torch.Tensor | None = None, logp: torch.Tensor | None = None,
+                v: torch.Tensor | None = None) -> None:
+        """Feed one chunk (micro-batch) of pass ``p``: either ``h`` [n, d] + ``logp`` [n] (output-row
+        proxy) or a ready proxy ``v`` [n, d]; ``adv`` [n] advantage per token, ``mask`` [n] bool."""
+        self._check_pass(p, "observe")
+        if (v is None and (h is None or logp is None)) or (v is not None and (h is not None or logp is not None)):
+            raise ValueError("DeltaEngine.observe: give h and logp, or v (not both)")
+        x = v if v is not None else h
+        if x.dim() != 2 or x.shape[1] != self.d:
+            raise ValueError(f"DeltaEngine.observe: h / v shape {tuple(x.shape)}, expected [n, {self.d}]")
+        n = x.shape[0]
+        if adv.shape != (n,) or mask.shape != (n,) or (logp is not None and logp.shape != (n,)):
+            raise ValueError(f"DeltaEngine.observe: adv {tuple(adv.shape)} / mask {tuple(mask.shape)}"
+                             f" / logp must be [{n}]")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"DeltaEngine.observe: mask must be bool, got {mask.dtype}")
+        if self._dtype is None:
+            self._dtype = torch.promote_types(x.dtype, torch.float32)
+            self._device = self._device or x.device
+        vv = x[mask].to(self._dtype)  # [nv, d], a fresh copy of the valid rows only
+        if v is None:  # output-row proxy (1 − p) h (§2.1), in place on the copy
+            vv.mul_(-torch.expm1(logp[mask].to(self._dtype)).unsqueeze(-1))
+        if p == 0:
+            if key in self._chunks:
+                raise ValueError(f"DeltaEngine.observe: chunk {key!r} observed twice in pass 0")
+            a = adv[mask].to(self._dtype)
+            chunk = Chunk(mask=mask.clone(), side=torch.sign(a), w=a.abs())
+            if self.cfg.mode == "cache" and len(self.stages) > 1:
+                cache_dtype = torch.bfloat16 if self.cfg.cache_dtype == "bfloat16" else self._dtype
+                chunk.v = vv.to(cache_dtype)
+                vv = chunk.v.to(self._dtype)  # pass 0 sees exactly what the cache replays
+            self._chunks[key] = chunk
+        else:
+            chunk = self._chunks.get(key)
+            if chunk is None:
+                raise KeyError(f"DeltaEngine.observe: chunk {key!r} was not observed in pass 0")
+            if chunk.mask.shape[0] != n:
+                raise ValueError(f"DeltaEngine.observe: chunk {key!r} has {n} tokens in pass {p}, "
+                                 f"{chunk.mask.shape[0]} in pass 0")
+            if chunk.seen == p:
+                raise ValueError(f"DeltaEngine.observe: chunk {key!r} observed twice in pass {p}")
+        chunk.seen = p
+        self._accumulate(self.stages[self._stage], chunk, vv)
+
+    def end_pass(self, p: int) -> None:
+        """Close pass ``p``: one all-reduce, then the stage's finish (cache mode: all stages)."""
+        self._check_pass(p, "end_pass")
+        missing = [k for k, c in self._chunks.items() if c.seen != p]
+        if missing:
+            raise ValueError(f"DeltaEngine.end_pass({p}): chunks {missing[:5]} not observed in this pass")
+        self._end_stage()
+        while self.cfg.mode == "cache" and not self.finished:  # replay the cache, no forwards
+            for chunk in self._chunks.values():
+                self._accumulate(self.stages[self._stage], chunk, chunk.v.to(self._dtype))
+            self._end_stage()
+        self._pass += 1
+
+    def lambda_bar(self, key: Hashable) -> torch.Tensor:
+        """λ̄ [n] of an observed chunk (λ when lambda_norm is off; 1 if degenerate; 0 off-mask)."""
+        chunk = self._finished_chunk(key)
+        out = torch.zeros(chunk.mask.shape[0], dtype=self._dtype, device=chunk.mask.device)
+        out[chunk.mask] = 1.0 if self.degenerate else chunk.lam * self._scale
+        return out
+
+    def selection_mask(self, key: Hashable) -> torch.Tensor:
+        """Selected tokens [n] bool of the token-selection diagnostic (all valid if degenerate)."""
+        chunk = self._finished_chunk(key)
+        if self.cfg.selection == "none":
+            raise ValueError("DeltaEngine.selection_mask: cfg.selection is 'none'")
+        out = chunk.mask.clone()
+        if not self.degenerate and chunk.lam.numel():
+            if self.cfg.selection == "random50":
+                out[chunk.mask] = chunk.sel_key >= self._threshold
+            elif self.cfg.selection == "top50":
+                out[chunk.mask] = chunk.lam.double() >= self._threshold
+            else:
+                out[chunk.mask] = chunk.lam.double() <= self._threshold
+        return out
+
+    def values(self, key: Hashable) -> torch.Tensor:
+        """What the loss consumes: λ̄ (``loss_weight``) or the selection mask (``loss_mask``)."""
+        return self.lambda_bar(key) if self.cfg.selection == "none" else self.selection_mask(key)
+
+    # ---------------------------------------------------------------- internals
+    def _check_pass(self, p: int, what: str) -> None:
+        if self.finished:
+            raise RuntimeError(f"DeltaEngine.{what}({p}): the engine has finished "
+                               f"({self._pass} data passes{', degenerate batch' if self.degenerate else ''})")
+        if p != self._pass:
+            raise ValueError(f"DeltaEngine.{what}({p}): the current data pass is {self._pass}")
+
+    def _finished_chunk(self, key: Hashable) -> Chunk:
+        if not self.finished:
+            raise RuntimeError("DeltaEngine: coefficients are ready only after the last end_pass")
+        if key not in self._chunks:
+            raise KeyError(f"DeltaEngine: chunk {key!r} was never observed")
+        return self._chunks[key]
+
+    def _stats_for(self, stage: str) -> FlatStats:
+        if self._stats is None:
+            device = self._device or torch.device("cpu")
+            self._stats = FlatStats(stage_slots(stage, self.d, self._moments), device)
+            if self._extremes is None:
+                self._extremes = torch.full((4,), float("-inf"), dtype=torch.float64, device=device)
+        return self._stats
+
+    def _own_margin(self, v: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """Δ per token via the one-scalar margin m = 2 vᵀD + c, Δ = sign(A)·m (§9.1); within-side:
+        Δ = −‖v − μ_own‖² = 2 vᵀμ_own − ‖v‖² − ‖μ_own‖². v [nv, d] -> [nv]."""
+        mu = self.mu.to(self._dtype)  # [2, d]
+        if self.cfg.within_side_only:
+            dots = v @ mu.T  # [nv, 2]
+            sq = (self.mu**2).sum(-1).to(self._dtype)  # [2]
+            is_pos = side > 0
+            own = torch.where(is_pos, dots[:, 0], dots[:, 1])
+            return 2 * own - (v * v).sum(-1) - torch.where(is_pos, sq[0], sq[1])
+        return side * margin(v, mu[0], mu[1])
+
+    def _alpha(self, delta: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        if self.cfg.hard_assignment:
+            return (delta > 0).to(self._dtype)
+        g = self.gamma.to(self._dtype)
+        return torch.sigmoid(delta / torch.where(side > 0, g[0], g[1]))
+
+    def _accumulate(self, stage: str, chunk: Chunk, v: torch.Tensor) -> None:
+        st = self._stats_for(stage)
+        side, w = chunk.side, chunk.w
+        pos, neg = side > 0, side < 0
+        ind = torch.stack([pos, neg]).to(self._dtype)  # [2, nv]
+        if stage in ("collect", "random"):
+            st.add("count", torch.stack([pos.sum(), neg.sum(), (side == 0).sum()]))
+        if stage == "collect":
+            coef = ind * w  # [2, nv]
+            st.add("S", side_sums(coef, v))
+            st.add("M", coef.sum(-1))
+            if self._moments:
+                v64 = v.double()
+                st.add("U", ind.double() @ v64)
+                st.add("Q", torch.stack([v64[pos].T @ v64[pos], v64[neg].T @ v64[neg]]))
+            return
+        if stage == "random":
+            lo, hi = self.cfg.lambda_range
+            u = torch.rand(v.shape[0], generator=self._gen, dtype=torch.float64)
+            u = u.to(device=v.device, dtype=self._dtype)
+            self._store_lambda(st, chunk, torch.where(pos | neg, lo + (hi - lo) * u, lo))
+            return
+        delta = self._own_margin(v, side)  # [nv]
+        st.add("dsum", ind @ delta)
+        st.add("dsq", ind @ delta**2)
+        if stage == "gamma":
+            return
+        alpha = self._alpha(delta, side)
+        st.add("asum", ind @ alpha)
+        if stage == "refine":
+            coef = ind * (w * alpha)
+            st.add("S", side_sums(coef, v))
+            st.add("M", coef.sum(-1))
+            return
+        lo, hi = self.cfg.lambda_range  # final: range map (§5, A14)
+        if self.cfg.range_map:
+            lam = torch.where(pos | neg, lo + (hi - lo) * alpha, lo)
+        else:
+            lam = torch.where(pos | neg, alpha, 0.0)
+        sided = delta[pos | neg]
+        if sided.numel():
+            ext = torch.stack([sided.max(), -sided.min()]).double()
+            self._extremes[2:] = torch.maximum(self._extremes[2:], ext)
+        self._store_lambda(st, chunk, lam)
+
+    def _store_lambda(self, st: FlatStats, chunk: Chunk, lam: torch.Tensor) -> None:
+        chunk.lam = lam
+        st.add("Z", lam.sum())
+        st.add("Zsq", (lam**2).sum())
+        if lam.numel():
+            ext = torch.stack([lam.max(), -lam.min()]).double()
+            self._extremes[:2] = torch.maximum(self._extremes[:2], ext)
+        if self.cfg.selection == "random50":
+            chunk.sel_key = torch.rand(lam.shape[0], generator=self._gen,
+                                       dtype=torch.float64).to(lam.device)
+
+    def _end_stage(self) -> None:
+        stage = self.stages[self._stage]
+        st = self._stats_for(stage).reduce(self.group)
+        self._stats = None
+        self._stage += 1
+        cfg = self.cfg
+        if stage in ("collect", "random"):
+            self.counts = st.get("count").cpu()
+            self.degenerate = not (self.counts[0] > 0 and self.counts[1] > 0)  # A8
+        if stage == "collect":
+            self.mass = st.get("M").cpu()
+            self.mu = st.get("S") / st.get("M").clamp(min=cfg.eps).unsqueeze(-1)  # μ^(0) (§3.1)
+            if self.degenerate:
+                self.stages = self.stages[:1]
+            elif self._frozen:
+                self.gamma = torch.tensor(self.state.frozen_gamma, dtype=torch.float64,
+                                          device=self.mu.device)
+            elif self._moments:  # γ^(0) from moments (§9.3)
+                D = self.mu[0] - self.mu[1]
+                self.gamma = self.gamma0 = gamma_from_moments(
+                    D, st.get("U"), st.get("Q"), self.counts[:2].to(D.device), cfg.eps_gamma)
+        elif stage == "gamma":  # γ^(0) from the margins at μ^(0) (§4.2)
+            self.gamma = self.gamma0 = self._side_gamma(st)
+        elif stage == "refine":
+            gamma_next = self._side_gamma(st)  # lagged: std of Δ^(k) becomes γ^(k+1)
+            self.mu = st.get("S") / st.get("M").clamp(min=cfg.eps).unsqueeze(-1)  # μ^(k+1)
+            if not cfg.frozen_gamma:
+                self.gamma = gamma_next
+        elif stage == "final":
+            self.gamma_next = self._side_gamma(st)
+        if stage in ("final", "random") or self.degenerate:
+            self._finalize(st)
+
+    def _side_gamma(self, st: FlatStats) -> torch.Tensor:
+        return side_gamma(st.get("dsum"), st.get("dsq"), self.counts[:2].to(st.buffer.device),
+                          self.cfg.eps_gamma)
+
+    def _finalize(self, st: FlatStats) -> None:
+        """Global normaliser (§5), token selection (A10), metrics and the cross-batch state."""
+        cfg = self.cfg
+        self.finished = True
+        n_tok = float(self.counts.sum())
+        m = {"delta/degenerate": float(self.degenerate), "delta/n_pos": float(self.counts[0]),
+             "delta/n_neg": float(self.counts[1]), "delta/n_zero": float(self.counts[2]),
+             "delta/data_passes": float(self._pass + 1),
+             "delta/extra_forwards": float(0 if cfg.mode == "cache" else self._pass)}
+        if not self.degenerate:
+            Z, Zsq = float(st.get("Z")[0]), float(st.get("Zsq")[0])
+            self._scale = n_tok / max(Z, cfg.eps) if cfg.lambda_norm else 1.0  # λ̄ = λ·N_tok/Z
+            ext = all_reduce(self._extremes.clone(), self.group, dist.ReduceOp.MAX).cpu().tolist()
+            mean = Z / n_tok
+            m.update({"delta/Z": Z, "delta/lambda_bar_mean": self._scale * mean,
+                      "delta/lambda_bar_std": self._scale * max(Zsq / n_tok - mean**2, 0.0) ** 0.5,
+                      "delta/lambda_bar_max": self._scale * ext[0],
+                      "delta/lambda_bar_min": -self._scale * ext[1]})
+            if not cfg.random_lambda:
+                n = self.counts[:2].clamp(min=1).tolist()
+                dsum, dsq, asum = (st.get(k).cpu().tolist() for k in ("dsum", "dsq", "asum"))
+                for i, s in enumerate(("pos", "neg")):
+                    mean_d = dsum[i] / n[i]
+                    m[f"delta/margin_{s}_mean"] = mean_d
+                    m[f"delta/margin_{s}_std"] = max(dsq[i] / n[i] - mean_d**2, 0.0) ** 0.5
+                    m[f"delta/alpha_{s}_mean"] = asum[i] / n[i]
+                    m[f"delta/mass_{s}"] = float(self.mass[i])
+                    for tag, g in (("", self.gamma), ("_next", self.gamma_next), ("0", self.gamma0)):
+                        if g is not None:
+                            m[f"delta/gamma{tag}_{s}"] = float(g[i])
+                m["delta/margin_max"], m["delta/margin_min"] = ext[2], -ext[3]
+            if cfg.selection != "none":
+                self._select(int(n_tok))
+        else:  # A8: plain DAPO weights
+            m.update({"delta/lambda_bar_mean": 1.0, "delta/lambda_bar_std": 0.0,
+                      "delta/lambda_bar_max": 1.0, "delta/lambda_bar_min": 1.0})
+        if self._threshold is not None:
+            m["delta/selection_threshold"] = self._threshold
+        self.metrics = m
+        self.state.batches += 1
+        self.state.degenerate_batches += int(self.degenerate)
+        if cfg.frozen_gamma and not self._frozen and not self.degenerate:
+            self.state.frozen_gamma = (float(self.gamma0[0]), float(self.gamma0[1]))
+        m["delta/degenerate_batches"] = float(self.state.degenerate_batches)
+
+    def _select(self, n_tok: int) -> None:
+        """Global 50 % cut by an exact distributed k-th value search (A10: rank over the scope)."""
+        k = (n_tok + 1) // 2  # bottom50: the k-th smallest = the (n − k + 1)-th largest
+        rank = n_tok - k + 1 if self.cfg.selection == "bottom50" else k
+        keys = [c.sel_key if self.cfg.selection == "random50" else c.lam for c in self._chunks.values()]
+        self._threshold = kth_largest(keys, rank, self.group, device=self._device)
+
+
+# ------------------------------------------------------------------------- TokenCredit
+
+class DeltaCredit:
+    """DelTA as a ``TokenCredit``: λ̄ as a per-token loss weight (or a loss mask for ``selection``),
+    computed once per rollout batch and frozen for all its PPO mini-batches (§6).
+
+    The actor drives ``engine(...)`` over its micro-batches; ``assign`` runs the engine over one flat
+    chunk for convenience. ``state`` (frozen γ, counters) persists across batches and checkpoints.
+    """
+
+    Config = DeltaConfig
+    per_microbatch = False
+
+    def __init__(self, cfg: DeltaConfig | None = None):
+        self.cfg = cfg if cfg is not None else DeltaConfig()
+        validate(self.cfg, "credit.delta")
+        topk = self.cfg.proxy == "topk_hidden"
+        self.needs = CreditNeeds(hidden=True, logp=not topk, topk=self.cfg.topk_k if topk else 0)
+        self.target = "loss_mask" if self.cfg.selection != "none" else "loss_weight"
+        self.state = DeltaState()
+
+    def process_group(self, *, h_sequence_sharded: bool) -> Any:
+        """The group to reduce over for ``cfg.scope`` (megatron parallel_state; see ``scope_group``)."""
+        return scope_group(self.cfg.scope, h_sequence_sharded=h_sequence_sharded)
+
+    def engine(self, hidden_size: int, group: Any = None,
+               device: torch.device | str | None = None) -> DeltaEngine:
+        """A fresh engine for the next rollout batch, sharing this object's cross-batch state."""
+        rank = dist.get_rank() if group_size(group) > 1 else 0
+        seed = (self.cfg.seed * 1_000_003 + self.state.batches) * 10_007 + rank
+        return DeltaEngine(self.cfg, hidden_size, group, state=self.state, seed=seed, device=device)
+
+    def proxy(self, inputs: CreditInputs) -> torch.Tensor:
+        """The token-gradient proxy v [tokens, d] for the configured ``proxy`` (§2)."""
+        if inputs.hidden is None:
+            raise ValueError("DeltaCredit: inputs.hidden (LM-head input h) is required")
+        if self.cfg.proxy == "output_row":
+            if inputs.logp is None:
+                raise ValueError("DeltaCredit: inputs.logp is required for the output_row proxy")
+            return output_row_proxy(inputs.hidden, inputs.logp)
+        weight = inputs.extra.get("lm_head_weight")
+        if weight is None or inputs.token_ids is None:
+            raise ValueError("DeltaCredit: the topk_hidden proxy needs inputs.token_ids and "
+                             "inputs.extra['lm_head_weight'] ([V, d])")
+        ids, logits = inputs.extra.get("topk_ids"), inputs.extra.get("topk_logits")
+        if ids is None or logits is None:
+            ids, logits = topk_logits_from_hidden(inputs.hidden, weight, self.cfg.topk_k)
+        return topk_hidden_proxy(weight, inputs.token_ids, ids, logits)
+
+    def assign(self, inputs: CreditInputs, group: Any = None) -> CreditOutput:
+        """λ̄ for the local tokens of ``inputs``; ``group`` spans the scope (``process_group``)."""
+        v = self.proxy(inputs)  # [tokens, d]
+        engine = self.engine(v.shape[1], group, v.device)
+        for p in engine.data_passes():
+            engine.observe(p, 0, adv=inputs.advantages, mask=inputs.mask, v=v)
+            engine.end_pass(p)
+        return CreditOutput(self.target, engine.values(0), dict(engine.metrics))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"frozen_gamma": self.state.frozen_gamma, "batches": self.state.batches,
+                "degenerate_batches": self.state.degenerate_batches}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        fg = sd.get("frozen_gamma")
+        self.state = DeltaState(frozen_gamma=None if fg is None else (float(fg[0]), float(fg[1])),
+                                batches=int(sd["batches"]), degenerate_batches=int(sd["degenerate_batches"]))

@@ -1,0 +1,155 @@
+"""The synthetic addition task for tiny models (docs: DEMO-SIZING.md).
+
+``a+b=`` -> the sum, over a 17-token character vocabulary (digits, ``+ = > ,``, BOS, EOS, PAD). It lets
+the whole RL pipeline run on 2 CPU cores in minutes with an exact, unhackable reward. Difficulty is the
+number of digits; SFT pairs use operands of 1..``digits`` digits, RL and eval prompts exactly
+``digits`` digits, so RL starts from a partly-solved task. Variants of the completion:
+
+* ``plain``: the sum, most significant digit first (``123+989=1112``) — the forgiving default;
+* ``reversed``: the sum's digits least significant first (``123+989=2111``), the order carries flow;
+* ``scratchpad``: per-digit ``(sum digit, carry)`` pairs least significant first, then ``>`` and the
+  sum (``123+989=21,11,11>1112``); the reward reads only the final answer.
+
+``Example.answer`` is always the true sum in ordinary notation; :meth:`ArithmeticTask.extract` turns a
+completion of any variant back into that notation. Everything is deterministic under ``seed``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from delta_megatron.data.datasets import Example, PromptDataset
+from delta_megatron.utils.configs import fail, validate
+
+__all__ = ["ArithmeticConfig", "ArithmeticTask", "synthetic_dataset", "VOCAB", "PAD", "BOS", "EOS",
+           "SPECIAL_TOKENS", "CHARS"]
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+SPECIAL_TOKENS = (PAD, BOS, EOS)
+CHARS = "0123456789+=>,"
+VOCAB: tuple[str, ...] = (*SPECIAL_TOKENS, *CHARS)
+"""Token strings in id order: PAD=0, BOS=1, EOS=2, digits 3..12, '+'=13, '='=14, '>'=15, ','=16."""
+
+Variant = Literal["plain", "reversed", "scratchpad"]
+_SPEC_VARIANTS: dict[str, Variant] = {"synthetic:arith": "plain", "synthetic:arith-plain": "plain",
+                                      "synthetic:arith-reversed": "reversed",
+                                      "synthetic:arith-scratchpad": "scratchpad"}
+
+
+@dataclass
+class ArithmeticConfig:
+    """``digits``: RL/eval operand length (SFT uses 1..digits); ``size``: RL prompts in the training set."""
+
+    digits: int = 3
+    variant: Variant = "plain"
+    size: int = 4096
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 1 <= self.digits <= 30:
+            fail("digits", self.digits, "must be in [1, 30]")
+        if self.variant not in ("plain", "reversed", "scratchpad"):
+            fail("variant", self.variant, "one of 'plain', 'reversed', 'scratchpad'")
+        if self.size < 1:
+            fail("size", self.size, "must be >= 1")
+
+
+class ArithmeticTask:
+    """Prompt/target construction, answer extraction and generators for one task configuration."""
+
+    def __init__(self, cfg: ArithmeticConfig | None = None):
+        self.cfg = cfg or ArithmeticConfig()
+        validate(self.cfg)
+
+    @property
+    def source(self) -> str:
+        return f"synthetic:arith-{self.cfg.variant}"
+
+    @staticmethod
+    def prompt(a: int, b: int) -> str:
+        return f"{a}+{b}="
+
+    def completion(self, a: int, b: int) -> str:
+        """The target completion (without EOS) in this task's variant."""
+        total = str(a + b)
+        if self.cfg.variant == "plain":
+            return total
+        if self.cfg.variant == "reversed":
+            return total[::-1]
+        da, db = str(a)[::-1], str(b)[::-1]
+        pairs, carry = [], 0
+        for i in range(max(len(da), len(db))):
+            s = int(da[i] if i < len(da) else 0) + int(db[i] if i < len(db) else 0) + carry
+            carry = s // 10
+            pairs.append(f"{s % 10}{carry}")
+        return ",".join(pairs) + ">" + total
+
+    def extract(self, completion: str) -> str | None:
+        """The sum a completion claims, in ordinary notation; None if it is not well-formed.
+
+        Reads up to the first EOS; PAD/BOS and surrounding whitespace are ignored. No normalisation:
+        ``0123`` is not ``123`` (exact match)."""
+        text = completion.split(EOS, 1)[0].replace(PAD, "").replace(BOS, "").strip()
+        if self.cfg.variant == "scratchpad":
+            if ">" not in text:
+                return None
+            text = text.rsplit(">", 1)[1]
+        if not text or not text.isdigit() or not text.isascii():
+            return None
+        return text[::-1] if self.cfg.variant == "reversed" else text
+
+    def reward(self, completion: str, answer: str) -> float:
+        """1.0 for the exact sum, else 0.0 (for batches use ``ExactMatchReward(task.extract)``)."""
+        return 1.0 if self.extract(completion) == answer else 0.0
+
+    def _rng(self, purpose: str, seed: int | None) -> random.Random:
+        # String seeds hash with SHA-512 in ``random``: stable across runs and Python versions.
+        return random.Random(f"arith/{purpose}/{self.cfg.seed if seed is None else seed}")
+
+    @staticmethod
+    def _operand(rng: random.Random, digits: int) -> int:
+        lo = 0 if digits == 1 else 10 ** (digits - 1)
+        return rng.randint(lo, 10**digits - 1)
+
+    def sft_pairs(self, n: int, seed: int | None = None) -> list[tuple[str, str]]:
+        """``n`` (prompt, completion) pairs, each operand with a uniform 1..digits digit count.
+        The completion has no EOS: the SFT collator appends it."""
+        rng = self._rng("sft", seed)
+        out = []
+        for _ in range(n):
+            a = self._operand(rng, rng.randint(1, self.cfg.digits))
+            b = self._operand(rng, rng.randint(1, self.cfg.digits))
+            out.append((self.prompt(a, b), self.completion(a, b)))
+        return out
+
+    def rl_examples(self, n: int | None = None, seed: int | None = None,
+                    split: Literal["train", "eval"] = "train") -> list[Example]:
+        """``n`` (default ``cfg.size``) RL prompts with exactly ``digits``-digit operands. ``split``
+        picks an independent random stream, so eval prompts are not the training prompts' prefix."""
+        n = self.cfg.size if n is None else n
+        rng = self._rng(f"rl-{split}", seed)
+        out = []
+        for i in range(n):
+            a, b = self._operand(rng, self.cfg.digits), self._operand(rng, self.cfg.digits)
+            out.append(Example(id=f"arith{self.cfg.digits}-{split}/{i}", prompt=self.prompt(a, b),
+                               answer=str(a + b), source=self.source))
+        return out
+
+    def dataset(self, n: int | None = None, split: Literal["train", "eval"] = "train") -> PromptDataset:
+        name = f"arith{self.cfg.digits}" + ("" if split == "train" else "_eval")
+        return PromptDataset(name, self.rl_examples(n, split=split))
+
+
+def synthetic_dataset(spec: str, cfg: ArithmeticConfig | None = None) -> PromptDataset:
+    """The dataset for ``synthetic:arith[-plain|-reversed|-scratchpad][@eval]``; the variant in the spec
+    overrides ``cfg.variant``, ``@eval`` selects the held-out prompt stream."""
+    base, _, split = spec.partition("@")
+    if base not in _SPEC_VARIANTS or split not in ("", "train", "eval"):
+        raise ValueError(f"unknown synthetic dataset {spec!r}; known: "
+                         f"{sorted(_SPEC_VARIANTS)} (optionally with @eval)")
+    cfg = cfg or ArithmeticConfig()
+    if base != "synthetic:arith":
+        cfg = ArithmeticConfig(digits=cfg.digits, variant=_SPEC_VARIANTS[base], size=cfg.size, seed=cfg.seed)
+    return ArithmeticTask(cfg).dataset(split="eval" if split == "eval" else "train")

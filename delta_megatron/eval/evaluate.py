@@ -1,0 +1,239 @@
+"""Sampling evaluation over benchmarks: k samples per question, scored by a reward, summarised as
+avg@k and pass@k per benchmark and question-count weighted across benchmarks.
+
+The evaluator knows nothing about engines: it takes ``generate_fn(prompts, n, temperature, top_p,
+max_new_tokens) -> list[list[str]]`` (the rollout engine provides one; tests pass a deterministic
+stub) and any reward with ``score(pairs) -> (rewards, stats)``. A sample counts as correct when its
+reward is > 0, which holds for binary 1/0 and DAPO +1/-1 rewards alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from delta_megatron.data.datasets import Example
+from delta_megatron.eval.metrics import avg_at_k, mean_pass_at_k, weighted_average
+from delta_megatron.reward.verifier_pool import VerifyStats
+from delta_megatron.utils.configs import check_range, fail, validate
+
+__all__ = ["EvalSettings", "GenerateFn", "QuestionResult", "BenchmarkResult", "EvalResults", "evaluate",
+           "main"]
+
+GenerateFn = Callable[[list[str], int, float, float, int], list[list[str]]]
+
+
+@dataclass
+class EvalSettings:
+    """Defaults are the DelTA protocol (App. I): 16 samples per question, temperature 1.0, top-p 0.7,
+    30k new tokens, mean over all samples (avg@16). ``pass_ks`` defaults to ``(k,)``."""
+
+    k: int = 16
+    temperature: float = 1.0
+    top_p: float = 0.7
+    max_new_tokens: int = 30000
+    pass_ks: tuple[int, ...] | None = None
+    prompts_per_call: int = 64  # prompts handed to generate_fn at once
+    max_prompts: int | None = None  # first N questions per benchmark (quick evals); None = all
+
+    def validate(self) -> None:
+        if self.k < 1:
+            fail("k", self.k, "must be >= 1")
+        check_range("temperature", self.temperature, 0, None)
+        check_range("top_p", self.top_p, 0, 1, lo_open=True)
+        if self.max_new_tokens < 1:
+            fail("max_new_tokens", self.max_new_tokens, "must be >= 1")
+        if self.pass_ks is not None and any(not 1 <= kk <= self.k for kk in self.pass_ks):
+            fail("pass_ks", self.pass_ks, f"each k must be in [1, k={self.k}]")
+        if self.prompts_per_call < 1:
+            fail("prompts_per_call", self.prompts_per_call, "must be >= 1")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            fail("max_prompts", self.max_prompts, "must be >= 1 or null")
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        return self.pass_ks if self.pass_ks is not None else (self.k,)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> EvalSettings:
+        """Settings from the run config's ``eval`` section (``delta_megatron.config.EvalConfig``)."""
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{f: getattr(cfg, f) for f in names if hasattr(cfg, f)})
+
+
+@dataclass
+class QuestionResult:
+    id: str
+    n: int  # samples
+    c: int  # correct samples
+    rewards: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BenchmarkResult:
+    name: str
+    k: int
+    avg_at_k: float
+    pass_at_k: dict[int, float]
+    questions: list[QuestionResult]
+    reward_stats: VerifyStats = field(default_factory=VerifyStats)
+
+    @property
+    def n_questions(self) -> int:
+        return len(self.questions)
+
+    def metrics(self) -> dict[str, float]:
+        """``{"avg@16": ..., "pass@16": ...}`` as fractions in [0, 1]."""
+        return {f"avg@{self.k}": self.avg_at_k, **{f"pass@{kk}": v for kk, v in self.pass_at_k.items()}}
+
+
+@dataclass
+class EvalResults:
+    settings: EvalSettings
+    benchmarks: list[BenchmarkResult]
+
+    def metric_names(self) -> list[str]:
+        return list(self.benchmarks[0].metrics()) if self.benchmarks else []
+
+    @property
+    def weighted(self) -> dict[str, float]:
+        """Question-count-weighted average of every metric over the benchmarks."""
+        weights = {b.name: b.n_questions for b in self.benchmarks}
+        return {m: weighted_average({b.name: b.metrics()[m] for b in self.benchmarks}, weights)
+                for m in self.metric_names()}
+
+    def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        """Flat scalars for the metrics logger: ``eval/<bench>/<metric>`` and ``eval/avg/<metric>``."""
+        out = {f"{prefix}{b.name}/{m}": v for b in self.benchmarks for m, v in b.metrics().items()}
+        if self.benchmarks:
+            out.update({f"{prefix}avg/{m}": v for m, v in self.weighted.items()})
+        return out
+
+    def to_markdown(self, percent: bool = True, digits: int = 2) -> str:
+        from delta_megatron.eval.report import to_markdown
+
+        return to_markdown(self, percent=percent, digits=digits)
+
+    def to_csv(self) -> str:
+        from delta_megatron.eval.report import to_csv
+
+        return to_csv(self)
+
+
+def _score(reward_fn: Any, pairs: list[tuple[str, str]]) -> tuple[list[float], VerifyStats]:
+    out = reward_fn.score(pairs) if hasattr(reward_fn, "score") else reward_fn(pairs)
+    rewards, stats = out if isinstance(out, tuple) else (out, VerifyStats(total=len(pairs)))
+    if len(rewards) != len(pairs):
+        raise ValueError(f"reward_fn returned {len(rewards)} rewards for {len(pairs)} samples")
+    return list(rewards), stats
+
+
+def evaluate(generate_fn: GenerateFn, datasets: Mapping[str, Sequence[Example]] | Sequence[Any],
+             reward_fn: Any, settings: EvalSettings | None = None,
+             prompt_fn: Callable[[Example], str] | None = None) -> EvalResults:
+    """Generate ``settings.k`` samples per question of every dataset, score them, and summarise.
+
+    ``datasets``: ``{name: examples}`` or a sequence of named datasets (``PromptDataset``).
+    ``prompt_fn`` maps an example to what ``generate_fn`` receives (default: the raw question text;
+    e.g. ``lambda ex: render_prompt(ex, "plain")``, or ``lambda ex: ex`` for engines that render).
+    """
+    settings = settings or EvalSettings()
+    validate(settings)
+    named = list(datasets.items()) if isinstance(datasets, Mapping) else [(d.name, d) for d in datasets]
+    prompt_fn = prompt_fn or (lambda ex: ex.problem)
+    results = []
+    for name, examples in named:
+        examples = list(examples)[:settings.max_prompts]
+        if not examples:
+            raise ValueError(f"benchmark {name!r} has no questions")
+        questions: list[QuestionResult] = []
+        stats = VerifyStats()
+        for start in range(0, len(examples), settings.prompts_per_call):
+            chunk = examples[start:start + settings.prompts_per_call]
+            texts = generate_fn([prompt_fn(ex) for ex in chunk], settings.k, settings.temperature,
+                                settings.top_p, settings.max_new_tokens)
+            if len(texts) != len(chunk) or any(len(t) != settings.k for t in texts):
+                raise ValueError(f"generate_fn returned {[len(t) for t in texts]} samples for "
+                                 f"{len(chunk)} prompts; expected {settings.k} per prompt")
+            pairs = [(text, ex.answer) for ex, samples in zip(chunk, texts) for text in samples]
+            rewards, chunk_stats = _score(reward_fn, pairs)
+            stats = stats + chunk_stats
+            for j, ex in enumerate(chunk):
+                r = rewards[j * settings.k:(j + 1) * settings.k]
+                questions.append(QuestionResult(ex.id, settings.k, sum(x > 0 for x in r), r))
+        counts = [(q.n, q.c) for q in questions]
+        results.append(BenchmarkResult(
+            name=name, k=settings.k,
+            avg_at_k=sum(avg_at_k([x > 0 for x in q.rewards]) for q in questions) / len(questions),
+            pass_at_k={kk: mean_pass_at_k(counts, kk) for kk in settings.ks},
+            questions=questions, reward_stats=stats))
+    return EvalResults(settings, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``delta-megatron eval``: sample an HF checkpoint on the run config's eval sets with the embedded
+    engine, print the markdown table and write ``eval.md`` / ``eval.csv``.
+
+        delta-megatron eval --config run.yaml --model runs/x/hf data.eval=[aime24,math500] eval.k=16
+    """
+    import argparse
+    import sys
+
+    from delta_megatron.config import load_config
+    from delta_megatron.train import recipe_config
+
+    parser = argparse.ArgumentParser(prog="delta-megatron eval", description=main.__doc__)
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--config", help="YAML run config")
+    src.add_argument("--recipe", help="module:function returning a Config (see pipelines/)")
+    parser.add_argument("--model", help="HF checkpoint directory (sets model.hf_path)")
+    parser.add_argument("--out", help="report directory (default: <logging.dir>/eval)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k=4")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    overrides = list(args.overrides) + ([f"model.hf_path={args.model}"] if args.model else [])
+    if args.config:
+        cfg = load_config(args.config, overrides)
+    else:
+        cfg = load_config(overrides=overrides, base=recipe_config(args.recipe) if args.recipe else None)
+    if cfg.model.hf_path is None:
+        parser.error("no weights to evaluate: pass --model <HF dir> or set model.hf_path")
+    out = Path(args.out) if args.out else Path(cfg.logging.dir) / "eval"
+
+    import torch  # heavy imports only once the command line is known to be usable
+    from transformers import AutoModelForCausalLM
+
+    from delta_megatron import components as C
+    from delta_megatron.eval.report import write_report
+    from delta_megatron.rollout.embedded import EmbeddedEngine
+    from delta_megatron.rollout.engine import SamplingParams
+
+    tokenizer, _ = C.build_tokenizer(cfg, out)
+    _, eval_sets = C.build_datasets(cfg)
+    if not eval_sets:
+        parser.error("no eval sets: set data.eval (e.g. data.eval=[aime24,math500])")
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_path, dtype=torch.float32)
+    engine = EmbeddedEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            config=cfg.rollout, seed=cfg.train.seed)
+    calls = [0]
+
+    def generate(examples, n, temperature, top_p, max_new_tokens):
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n)
+        calls[0] += 1  # distinct per-call seeds, reproducible across runs
+        samples = engine.generate(C.requests_for(cfg, tokenizer, examples, 20_000_000 + calls[0], 0, params))
+        texts: list[list[str]] = [[] for _ in examples]
+        for s in sorted(samples, key=lambda s: (int(s.group_id), s.index)):
+            texts[int(s.group_id)].append(tokenizer.decode(s.response_ids, skip_special_tokens=True))
+        return texts
+
+    reward = C.build_reward(cfg)
+    try:
+        results = evaluate(generate, eval_sets, reward, EvalSettings.from_config(cfg.eval),
+                           prompt_fn=lambda ex: ex)
+    finally:
+        reward.close()
+    print(results.to_markdown(), end="")
+    md, _ = write_report(results, out)
+    print(f"wrote {md} and {md.with_suffix('.csv')}")
+    return 0

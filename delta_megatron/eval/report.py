@@ -1,0 +1,59 @@
+"""Evaluation tables: markdown (percent, for docs and logs) and CSV (fractions, for analysis).
+
+One row per benchmark plus a question-count-weighted ``avg`` row, one column per metric
+(``avg@16``, ``pass@16``, ...), so tables from different runs line up column for column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from delta_megatron.eval.evaluate import EvalResults
+
+__all__ = ["to_markdown", "to_csv", "write_report", "AVG_ROW"]
+
+AVG_ROW = "avg (weighted)"
+
+
+def _rows(results: EvalResults) -> list[tuple[str, int, dict[str, float]]]:
+    rows = [(b.name, b.n_questions, b.metrics()) for b in results.benchmarks]
+    if results.benchmarks:
+        rows.append((AVG_ROW, sum(b.n_questions for b in results.benchmarks), results.weighted))
+    return rows
+
+
+def to_markdown(results: EvalResults, percent: bool = True, digits: int = 2) -> str:
+    """A GitHub markdown table; values in percent with ``digits`` decimals unless ``percent=False``."""
+    metrics = results.metric_names()
+    scale = 100.0 if percent else 1.0
+    lines = ["| benchmark | questions | " + " | ".join(metrics) + " |",
+             "|---|---:|" + "---:|" * len(metrics)]
+    for name, n, vals in _rows(results):
+        cells = " | ".join(f"{vals[m] * scale:.{digits}f}" for m in metrics)
+        lines.append(f"| {name} | {n} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(results: EvalResults) -> str:
+    """CSV with header ``benchmark,questions,<metrics...>``; values are fractions at full precision."""
+    metrics = results.metric_names()
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["benchmark", "questions", *metrics])
+    for name, n, vals in _rows(results):
+        writer.writerow([name, n, *(repr(vals[m]) for m in metrics)])
+    return buf.getvalue()
+
+
+def write_report(results: EvalResults, out_dir: str | Path, stem: str = "eval") -> tuple[Path, Path]:
+    """Write ``<stem>.md`` and ``<stem>.csv`` under ``out_dir``; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, cs = out / f"{stem}.md", out / f"{stem}.csv"
+    md.write_text(to_markdown(results), encoding="utf-8")
+    cs.write_text(to_csv(results), encoding="utf-8")
+    return md, cs

@@ -1,0 +1,283 @@
+"""The RLVR loop: rollout → reward → advantages → old-log-prob pass (capture) → token credit →
+PPO updates → weight sync → log / eval / save. ``Trainer.fit`` reads like the algorithm; every verb is
+one call down (this file, ``components.py``, the actor, the credit pipeline).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from delta_megatron import components as C
+from delta_megatron.actor.megatron_actor import LossPlan, MegatronActor
+from delta_megatron.algo import compute_advantages
+from delta_megatron.algo.dynamic_sampling import keep_groups
+from delta_megatron.algo.overlong import overlong_penalty
+from delta_megatron.batch import RolloutBatch
+from delta_megatron.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
+from delta_megatron.config import Config, dump_yaml, to_dict
+from delta_megatron.credit.pipeline import CreditPipeline
+from delta_megatron.data.sampler import PromptStream
+from delta_megatron.logging import MetricsLogger
+from delta_megatron.parallel import get_groups
+from delta_megatron.utils.preemption import Preemption
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.groups = get_groups()
+        self.rank0 = self.groups.rank == 0
+        self.out = Path(cfg.logging.dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank0:
+            dump_yaml(cfg, self.out / "config.yaml")
+        self.tokenizer, self.tokenizer_dir = C.build_tokenizer(cfg, self.out)
+        self.train_set, self.eval_sets = C.build_datasets(cfg)
+        self.prompts = PromptStream(self.train_set, cfg.train.prompts_per_step, seed=cfg.data.shuffle_seed)
+        self.reward = C.build_reward(cfg) if self.rank0 else None  # scoring happens on rank 0
+        self.engine = C.build_engine(cfg, self.tokenizer) if self.rank0 else None
+        self.actor = MegatronActor(cfg, self.groups)
+        self.credit = CreditPipeline(cfg.credit, decode=self._decode_tokens)
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep)
+        self.start_step = self._maybe_resume()
+        self.log = MetricsLogger(self.out, cfg.logging.jsonl, cfg.logging.tensorboard,
+                                 cfg.logging.wandb_project, config=to_dict(cfg), resume_step=self.start_step)
+        self.preemption = Preemption().install()
+        self.preempted = False
+        C.sync_weights(self.actor, self.engine)  # the engine starts from the actor's weights
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> list[dict[str, float]]:
+        history = []
+        for step in range(self.start_step, self.cfg.train.steps):
+            t0 = time.perf_counter()
+            batch = self.rollout(step)
+            batch = self.score(batch)
+            batch = self.advantages(batch)
+            delta_metrics = self.actor.old_logprobs(batch, capture=self.credit.capture())
+            plan, credit_metrics = self.credit.assign(batch, score_fn=self.actor.score_sequences)
+            train_metrics = self.actor.train(batch, plan)
+            C.sync_weights(self.actor, self.engine)
+            metrics = {**self.batch_metrics(batch), **delta_metrics, **credit_metrics, **train_metrics,
+                       "time/step_s": time.perf_counter() - t0}
+            metrics.update(self.maybe_eval(step))
+            history.append(self.log.log(step, metrics))
+            self.record_samples(step, batch)
+            self.maybe_save(step)
+            if self.preemption.should_stop():  # collective: every rank stops at the same step
+                self.save(step)
+                self.preempted = True
+                break
+        self.close()
+        return history
+
+    # ------------------------------------------------------------------ stages
+    def rollout(self, step: int) -> RolloutBatch:
+        """Sample ``n`` responses per prompt on rank 0 (dynamic sampling: until enough groups carry
+        signal), then give every rank the same batch."""
+        batch = None
+        if self.rank0:
+            ds = self.cfg.algo.dynamic_sampling
+            kept: list[RolloutBatch] = []
+            groups_kept, round_ = 0, 0
+            while groups_kept < self.cfg.train.prompts_per_step:
+                examples = self.prompts.next()
+                first = round_ * len(examples)
+                requests = C.requests_for(self.cfg, self.tokenizer, examples, step, first)
+                samples = self.engine.generate(requests)
+                part = C.samples_to_batch(samples, {first + i: ex for i, ex in enumerate(examples)},
+                                          self.tokenizer)
+                if not ds.enabled:
+                    kept.append(part)
+                    break
+                part = self._correctness(part)
+                keep = keep_groups(part["acc"], part["group_id"])
+                kept.append(part.select(keep.nonzero().flatten().tolist()))
+                groups_kept += int(torch.unique(part["group_id"][keep]).numel())
+                round_ += 1
+                if 0 < ds.max_gen_batches <= round_ and groups_kept < self.cfg.train.prompts_per_step:
+                    raise RuntimeError(f"dynamic sampling: only {groups_kept} informative groups after "
+                                       f"{round_} rounds (algo.dynamic_sampling.max_gen_batches)")
+            batch = RolloutBatch.concat(kept)
+            if ds.enabled:  # exactly prompts_per_step groups
+                ids = torch.unique(batch["group_id"])[: self.cfg.train.prompts_per_step]
+                batch = batch.select(torch.isin(batch["group_id"], ids).nonzero().flatten().tolist())
+        return C.broadcast_object(batch)
+
+    def score(self, batch: RolloutBatch) -> RolloutBatch:
+        """Verifier reward (+ DAPO overlong shaping)."""
+        batch = self._correctness(batch)
+        reward = batch["acc_reward"].to(torch.float64)
+        overlong = self.cfg.algo.overlong
+        if overlong.enabled:
+            max_len = overlong.max_len or self.cfg.rollout.max_new_tokens
+            reward = reward + overlong_penalty(batch.response_lens, max_len, overlong.buffer_len,
+                                               overlong.penalty_factor)
+        batch.add_sample_field("reward", reward.float())
+        return batch
+
+    def advantages(self, batch: RolloutBatch) -> RolloutBatch:
+        adv = compute_advantages(self.cfg.algo, batch["reward"], batch["group_id"])
+        batch.add_sample_field("advantage", adv)
+        batch.add_token_field("advantage_tokens", batch.per_token("advantage"))
+        return batch
+
+    def _correctness(self, batch: RolloutBatch) -> RolloutBatch:
+        """``acc`` (0/1 correctness, what dynamic sampling filters on) and the variant's reward value."""
+        if "acc" in batch:
+            return batch
+        if self.rank0 or not dist.is_initialized():
+            rewards, stats = self.reward.score(list(zip(batch.sample_meta["response_text"],
+                                                        batch.sample_meta["answer"])))
+            payload = (rewards, {k: float(v) for k, v in vars(stats).items() if isinstance(v, (int, float))})
+        else:
+            payload = None
+        rewards, stats = C.broadcast_object(payload)
+        value = torch.tensor(rewards, dtype=torch.float32)
+        batch.add_sample_field("acc_reward", value)
+        batch.add_sample_field("acc", (value > 0).float())
+        batch.sample_meta["verifier_stats"] = [stats] * batch.num_seqs
+        return batch
+
+    # ------------------------------------------------------------------ metrics, eval, checkpoints
+    def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        resp = batch.response_mask
+        stats = batch.sample_meta.get("verifier_stats", [{}])[0]
+        out = {
+            "rollout/reward_mean": float(batch["reward"].mean()),
+            "rollout/acc_mean": float(batch["acc"].mean()),
+            "rollout/response_len_mean": float(batch.response_lens.float().mean()),
+            "rollout/truncated_frac": float(batch["truncated"].float().mean()),
+            "rollout/entropy_mean": float(batch["entropy"][resp].mean()) if "entropy" in batch else 0.0,
+            "rollout/num_samples": float(batch.num_seqs),
+        }
+        out.update({f"reward/{k}": v for k, v in stats.items()})
+        if "logp_rollout" in batch and "logp_old" in batch:  # engine vs actor log-prob mismatch
+            local = resp & (batch["logp_old"] != 0)
+            diff = (batch["logp_rollout"][local] - batch["logp_old"][local]).abs()
+            out["rollout/logp_abs_diff"] = float(diff.mean()) if diff.numel() else 0.0
+        return out
+
+    def record_samples(self, step: int, batch: RolloutBatch, count: int = 8) -> None:
+        """Per-token credit of a few responses (``samples.jsonl``) for heat-maps and inspection; also
+        the λ̄ histogram of the whole batch. Rank 0 only; every ``logging.log_every`` steps."""
+        import json
+
+        if not self.rank0 or step % self.cfg.logging.log_every:
+            return
+        weights = batch["credit_weight"] if "credit_weight" in batch else None
+        resp = batch.response_mask
+        rows = []
+        for i in range(min(count, batch.num_seqs)):
+            tok = batch.token_indices([i])[resp[batch.token_indices([i])]]
+            rows.append({"step": step, "sample": i, "advantage": float(batch["advantage"][i]),
+                         "reward": float(batch["reward"][i]),
+                         "tokens": [self.tokenizer.decode([t]) for t in batch.tokens[tok].tolist()],
+                         "credit": None if weights is None else weights[tok].tolist()})
+        record = {"step": step, "samples": rows}
+        if weights is not None:
+            hist = torch.histc(weights[resp & (batch["advantage_tokens"] != 0)].float(), bins=40,
+                               min=0.5, max=1.5)
+            record["credit_hist"] = hist.tolist()
+        with open(self.out / "samples.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def maybe_eval(self, step: int) -> dict[str, float]:
+        every = self.cfg.eval.every
+        if not every or (step + 1) % every and step + 1 != self.cfg.train.steps:
+            return {}
+        return self.evaluate(step)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        from delta_megatron.eval.evaluate import EvalSettings, evaluate
+
+        results = None
+        if self.rank0:
+            settings = EvalSettings.from_config(self.cfg.eval)
+            results = evaluate(self._generate_texts(step), self.eval_sets, self.reward, settings,
+                               prompt_fn=lambda ex: ex)
+        metrics = C.broadcast_object(results.as_metrics() if results is not None else None)
+        if self.rank0:
+            (self.out / "eval").mkdir(exist_ok=True)
+            (self.out / "eval" / f"step_{step + 1:06d}.md").write_text(results.to_markdown())
+        return metrics
+
+    def _generate_texts(self, step: int):
+        from delta_megatron.rollout.engine import SamplingParams
+
+        def generate(prompts, n, temperature, top_p, max_new_tokens):
+            params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n)
+            reqs = C.requests_for(self.cfg, self.tokenizer, prompts, 10_000_000 + step, 0, params)
+            samples = self.engine.generate(reqs)
+            out: list[list[str]] = [[] for _ in prompts]
+            for s in sorted(samples, key=lambda s: (int(s.group_id), s.index)):
+                out[int(s.group_id)].append(self.tokenizer.decode(s.response_ids, skip_special_tokens=True))
+            return out
+
+        return generate
+
+    def maybe_save(self, step: int) -> None:
+        every = self.cfg.checkpoint.every
+        if every and (step + 1) % every == 0 or step + 1 == self.cfg.train.steps:
+            self.save(step)
+
+    def save(self, step: int) -> Path:
+        def write(path: Path) -> None:
+            self.actor.save_checkpoint(path / "actor")
+            if self.rank0:
+                torch.save({"step": step + 1, "prompts": self.prompts.state_dict(), "rng": rng_state(),
+                            "credit": self.credit.state_dict()}, path / "trainer.pt")
+
+        return self.ckpt.save(step + 1, write)
+
+    def _maybe_resume(self) -> int:
+        path = resolve_resume(self.cfg.checkpoint.resume, self.ckpt.root)
+        if path is None:
+            return 0
+        self.actor.load_checkpoint(path / "actor")
+        state = torch.load(path / "trainer.pt", weights_only=False)
+        self.prompts.load_state_dict(state["prompts"])
+        self.credit.load_state_dict(state["credit"])
+        set_rng_state(state["rng"])
+        return int(state["step"])
+
+    def _decode_tokens(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def close(self) -> None:
+        self.preemption.uninstall()
+        self.log.close()
+        for closeable in (self.reward, self.engine):
+            if closeable is not None and hasattr(closeable, "close"):
+                closeable.close()
+
+
+def sft_warmup(actor: MegatronActor, pairs: list[tuple[list[int], list[int]]], steps: int,
+               batch_size: int, seed: int = 0) -> list[float]:
+    """Supervised warm-up on (prompt ids, target ids) pairs: token-mean NLL of the targets, one optimizer
+    step per batch. Used by the CPU demo so RL starts with a non-zero but improvable reward."""
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(pairs), (batch_size,), generator=gen).tolist()
+        batch = RolloutBatch.from_samples([pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
+        stats = actor.train(batch, LossPlan(objective="sft"))
+        losses.append(stats["train/pg_loss"])
+    return losses
+
+
+def run(cfg: Config) -> tuple[list[dict[str, Any]], bool]:
+    """Initialise distributed state, train, tear down. Returns (history, preempted)."""
+    from delta_megatron.parallel import destroy, init_distributed
+
+    init_distributed(cfg.parallel, seed=cfg.train.seed)
+    try:
+        trainer = Trainer(cfg)
+        return trainer.fit(), trainer.preempted
+    finally:
+        destroy()

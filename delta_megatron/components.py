@@ -80,7 +80,10 @@ def build_engine(cfg: Config, tokenizer: Any):
                               eos_token_id=tokenizer.eos_token_id, config=cfg.rollout, seed=cfg.train.seed)
     from delta_megatron.rollout.sglang_engine import SGLangEngine
 
-    return SGLangEngine.launch(cfg.rollout, cfg.model, tokenizer)
+    if cfg.model.hf_path is None:
+        raise ValueError("rollout.engine: 'sglang' — SGLang servers start from an HF checkpoint; "
+                         "set model.hf_path")
+    return SGLangEngine.launch(cfg.model.hf_path, cfg.rollout.sglang)
 
 
 def prompt_ids(cfg: Config, tokenizer: Any, example: Example) -> list[int]:

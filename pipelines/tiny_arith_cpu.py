@@ -40,6 +40,14 @@ def config(out: str = "runs/demo", method: str = "delta", steps: int = 40, seed:
         "parallel.distributed_optimizer=false"])
 
 
+def smoke_config(out: str = "runs/smoke", method: str = "delta", steps: int = 2, seed: int = 1) -> Config:
+    """A seconds-per-step run for tests and launcher checks: 2 layers × 32 wide, 8 prompts × 4 samples."""
+    return load_config(base=config(out, method, steps, seed), overrides=[
+        "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+        "rollout.n_samples=4", "train.prompts_per_step=8", "train.warmup_steps=0", "eval.every=0",
+        "logging.log_every=1", "logging.tensorboard=false", "data.synthetic_size=256"])
+
+
 def sft_config(out: str, seed: int = 1) -> Config:
     return load_config(overrides=MODEL + [
         "data.train=synthetic:arith", "train.lr=2e-3", "train.warmup_steps=1", "train.steps=1",

@@ -3,10 +3,10 @@
 Data layout. Every rank holds the whole RolloutBatch (tokens and per-sample fields are small). The
 batch is cut into PPO mini-batches by prompt group, each mini-batch is split over DP ranks by
 :meth:`RolloutBatch.dp_partition`, and each DP shard into token-budget micro-batches. The old-log-prob
-pass covers the union of a rank's train shards, so the per-token fields it writes (``logp_old``,
-``entropy``, ``credit_weight``) are exactly the ones that rank's train pass reads; entries of other
-ranks' tokens stay 0. Splits depend only on the batch and the layout, so every TP/PP peer builds the
-same micro-batches.
+pass covers a rank's train shards, packed shard by shard like the train pass, so the per-token
+fields it writes (``logp_old``, ``entropy``, ``credit_weight``) are exactly the ones that rank's train
+pass reads; entries of other ranks' tokens stay 0. Splits depend only on the batch and the layout,
+so every TP/PP peer builds the same micro-batches.
 
 DelTA. The last pipeline stage reads ``h`` (the LM-head input) and ``log p(y_t)`` of each micro-batch
 from the same chunked vocab-parallel kernel that produces ``logp_old`` and feeds a DeltaEngine whose
@@ -156,8 +156,10 @@ class MegatronActor:
         capture = capture or Capture()
         for chunk in self.model:
             chunk.eval()
-        samples = sorted(i for shard in self.local_shards(batch) for i in shard)
-        mbs = self._microbatches(batch, samples, self.cfg.train.max_tokens_per_gpu_logprob)
+        # packed per train shard: with equal logprob/train budgets the micro-batches are the train
+        # pass's, so the first mini-batch's ratio is exactly 1 (not 1 ± packing round-off)
+        mbs = [mb for shard in self.local_shards(batch)
+               for mb in self._microbatches(batch, shard, self.cfg.train.max_tokens_per_gpu_logprob)]
         logp = torch.zeros(batch.num_tokens)
         entropy = torch.zeros(batch.num_tokens) if capture.entropy else None
         engine = None
@@ -374,7 +376,7 @@ class MegatronActor:
     def load_checkpoint(self, path) -> None:
         from megatron.core import dist_checkpointing
 
-        state = dist_checkpointing.load(_sharded_state(self), str(path))
+        state = dist_checkpointing.load(_sharded_state(self, is_loading=True), str(path))
         for i, m in enumerate(self.model):
             unwrap(m).load_state_dict(state[f"model{i}"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -398,7 +400,9 @@ def _call_with_pass(fn, p, mb, hidden):
     return fn(mb, hidden, p)
 
 
-def _sharded_state(actor: "MegatronActor") -> dict:
+def _sharded_state(actor: "MegatronActor", is_loading: bool = False) -> dict:
+    """``is_loading`` makes megatron create the optimizer state first (a fresh process has none yet,
+    and dist-ckpt loads in place into the tensors of this dict)."""
     model_sd = {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(actor.model)}
     return {**model_sd, "optimizer": actor.optimizer.sharded_state_dict(
-        model_sd if len(actor.model) > 1 else model_sd["model0"])}
+        model_sd if len(actor.model) > 1 else model_sd["model0"], is_loading=is_loading)}

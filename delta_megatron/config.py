@@ -253,10 +253,9 @@ class Config:
     def validate(self) -> None:
         """Cross-section rules (each section validates itself first)."""
         heads, kv = self.model.num_attention_heads, self.model.num_key_value_heads
-        if heads % self.parallel.tp or kv % self.parallel.tp and self.parallel.tp % kv:
+        if heads % self.parallel.tp or kv % self.parallel.tp:  # megatron splits query groups over TP
             fail("parallel.tp", self.parallel.tp,
-                 f"must divide num_attention_heads={heads} and be compatible with "
-                 f"num_key_value_heads={kv}")
+                 f"must divide num_attention_heads={heads} and num_key_value_heads={kv}")
         if self.model.num_layers % self.parallel.pp:
             fail("parallel.pp", self.parallel.pp,
                  f"must divide model.num_layers={self.model.num_layers}")

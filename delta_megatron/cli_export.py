@@ -1,0 +1,212 @@
+"""HF export: safetensors (+ index when sharded), config.json, generation_config.json, tokenizer.
+
+Writes through the same converter as weight sync (models/converter.py), so an exported checkpoint
+is exactly what a rollout engine receives. Atomic: everything goes to a temp dir next to
+``out_dir``, is fsync'ed, then renamed into place; on any failure the temp dir is removed and an
+existing ``out_dir`` is left untouched. Collective when torch.distributed is initialised: every rank
+calls it; the TP-rank-0 rank of each pipeline stage (first DP replica) writes that stage's shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from delta_megatron.config import Config, ModelConfig
+from delta_megatron.models.converter import megatron_to_hf
+from delta_megatron.models.hf_config import to_hf_config
+
+__all__ = ["export_hf", "load_model_from_checkpoint", "main"]
+
+_SKIP = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def load_model_from_checkpoint(ckpt_dir: str | Path, cfg: Config):
+    """Build the sharded model and load a megatron dist-ckpt (checkpoint/ owns the format)."""
+    raise NotImplementedError(
+        f"load_model_from_checkpoint({ckpt_dir!s}): loading megatron dist-checkpoints is not wired "
+        "yet (delta_megatron.checkpoint); export from an in-memory model with "
+        "export_hf(model, cfg, out_dir)")
+
+
+def _coords() -> tuple[bool, bool, int]:
+    """(is global rank 0, in the first DP(xCP) replica, pipeline rank) of this process."""
+    if not dist.is_initialized():
+        return True, True, 0
+    from megatron.core import parallel_state as ps
+
+    return (dist.get_rank() == 0, ps.get_data_parallel_rank(with_context_parallel=True) == 0,
+            ps.get_pipeline_model_parallel_rank())
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _all_ok(ok: bool) -> bool:
+    if not dist.is_initialized():
+        return ok
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def _write_stage_shards(models, cfg: ModelConfig, tmp: Path, pp_rank: int,
+                        max_shard_bytes: int, dtype) -> None:
+    """Each PP stage's TP rank 0 writes its buckets as ``part-<stage>-<k>`` files (the whole TP
+    group iterates: the gather is collective)."""
+    from safetensors.torch import save_file
+
+    for k, bucket in enumerate(megatron_to_hf(models, cfg, bucket_bytes=max_shard_bytes,
+                                              dtype=dtype)):
+        save_file(dict(bucket), str(tmp / f"part-{pp_rank:03d}-{k:05d}.safetensors"),
+                  metadata={"format": "pt"})
+
+
+def _finalize(tmp: Path, cfg: ModelConfig, tokenizer_dir, dtype) -> None:
+    """Rank 0: name the shards, write the index, config, generation config, tokenizer files."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import GenerationConfig
+
+    parts = sorted(tmp.glob("part-*.safetensors"))
+    if not parts:
+        raise RuntimeError("export_hf: no weights were written")
+    if len(parts) == 1:
+        parts[0].rename(tmp / "model.safetensors")
+    else:
+        weight_map, total = {}, 0
+        for i, part in enumerate(parts):
+            final = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+            with safe_open(str(part), framework="pt") as fh:
+                for name in fh.keys():
+                    weight_map[name] = final
+                    t = fh.get_slice(name)
+                    total += _nbytes(t.get_shape(), t.get_dtype())
+            part.rename(tmp / final)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf_cfg = to_hf_config(cfg)
+    if dtype is not None:
+        hf_cfg.dtype = str(dtype).replace("torch.", "")
+    hf_cfg.save_pretrained(str(tmp))
+    tok = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    if tok is not None:
+        if not tok.is_dir():
+            raise FileNotFoundError(f"export_hf: tokenizer_dir {tok} is not a directory")
+        for f in sorted(tok.iterdir()):
+            if f.is_file() and f.name not in _SKIP and not f.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copy2(f, tmp / f.name)
+    if not (tmp / "generation_config.json").exists():
+        GenerationConfig.from_model_config(hf_cfg).save_pretrained(str(tmp))
+
+
+def _nbytes(shape, dtype: str) -> int:
+    size = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1,
+            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}[dtype]
+    n = 1
+    for s in shape:
+        n *= s
+    return n * size
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-export"
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old.exists():
+            os.rename(old, out)  # put the previous export back
+        raise
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def export_hf(model_or_ckpt, cfg: Config | ModelConfig, out_dir: str | Path,
+              tokenizer_dir: str | Path | None = None, *, max_shard_bytes: int = 4 << 30,
+              dtype: torch.dtype | None = None) -> Path:
+    """Export a megatron model (chunk or list of chunks on this rank) or checkpoint dir to HF.
+
+    ``dtype`` casts the weights (default: as trained). Returns the final directory.
+    """
+    model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+    models = model_or_ckpt
+    if isinstance(model_or_ckpt, (str, Path)):
+        if not isinstance(cfg, Config):
+            raise TypeError("export_hf from a checkpoint needs the full Config (parallel layout)")
+        models = load_model_from_checkpoint(model_or_ckpt, cfg)
+    out = Path(out_dir).resolve()
+    tmp = out.parent / f".{out.name}.tmp-export"
+    is_rank0, first_replica, pp_rank = _coords()
+    error: BaseException | None = None
+    if is_rank0:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except Exception as exc:  # noqa: BLE001 (reported collectively below)
+            error = exc
+    if _all_ok(error is None) and first_replica:
+        try:
+            _write_stage_shards(models, model_cfg, tmp, pp_rank, max_shard_bytes, dtype)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+    if _all_ok(error is None) and is_rank0:
+        try:
+            _finalize(tmp, model_cfg, tokenizer_dir, dtype)
+            _fsync_tree(tmp)
+            _swap_into_place(tmp, out)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+    failed = not _all_ok(error is None)
+    if failed and is_rank0 and tmp.exists():
+        shutil.rmtree(tmp)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError("export_hf failed on another rank")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``delta-megatron export --config run.yaml --ckpt DIR --out DIR [--tokenizer DIR]``."""
+    from delta_megatron.config import load_config
+
+    parser = argparse.ArgumentParser(prog="delta-megatron export", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="the run's YAML config")
+    parser.add_argument("--ckpt", required=True, help="megatron checkpoint directory")
+    parser.add_argument("--out", required=True, help="HF output directory")
+    parser.add_argument("--tokenizer", default=None, help="directory with tokenizer files")
+    parser.add_argument("--max-shard-gb", type=float, default=4.0)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides (a.b=c)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    export_hf(args.ckpt, cfg, args.out, args.tokenizer,
+              max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+    return 0

@@ -1,0 +1,159 @@
+"""torch.distributed + megatron ``parallel_state`` setup from a :class:`ParallelConfig`.
+
+megatron's ``parallel_state`` is the single source of process groups (ARCHITECTURE.md, contract 5);
+:class:`Groups` is a frozen snapshot of the handful of groups/ranks the rest of the code needs, so
+components take ``groups`` as an argument instead of reaching into megatron globals.
+
+Works under ``torchrun`` (env:// rendezvous) and in a plain single process (a private TCP store on a
+free port, world size 1) so the embedded path and single-process tests need no launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from delta_megatron.config import ParallelConfig
+
+__all__ = ["Groups", "init_distributed", "destroy", "get_groups", "is_initialized", "free_port"]
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Process groups and this rank's coordinates. ``dp_cp`` is data-parallel *with* context parallel:
+    the group over which per-token statistics (DelTA centroids, loss normalisers) are summed."""
+
+    tp: dist.ProcessGroup
+    pp: dist.ProcessGroup
+    cp: dist.ProcessGroup
+    dp: dist.ProcessGroup
+    dp_cp: dist.ProcessGroup
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    cp_rank: int
+    cp_size: int
+    dp_rank: int
+    dp_size: int
+    dp_cp_rank: int
+    dp_cp_size: int
+    is_first_stage: bool
+    is_last_stage: bool
+    rank: int
+    world_size: int
+
+    @classmethod
+    def from_parallel_state(cls) -> Groups:
+        from megatron.core import parallel_state as ps
+
+        return cls(
+            tp=ps.get_tensor_model_parallel_group(),
+            pp=ps.get_pipeline_model_parallel_group(),
+            cp=ps.get_context_parallel_group(),
+            dp=ps.get_data_parallel_group(),
+            dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(),
+            pp_size=ps.get_pipeline_model_parallel_world_size(),
+            cp_rank=ps.get_context_parallel_rank(),
+            cp_size=ps.get_context_parallel_world_size(),
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            dp_cp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+            dp_cp_size=ps.get_data_parallel_world_size(with_context_parallel=True),
+            is_first_stage=ps.is_pipeline_first_stage(ignore_virtual=True),
+            is_last_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+        )
+
+    @property
+    def is_weight_sender(self) -> bool:
+        """One rank per pipeline stage sends/exports weights (after its TP group gathered them)."""
+        return self.tp_rank == 0 and self.dp_cp_rank == 0
+
+
+_GROUPS: Groups | None = None
+_OWNS_PROCESS_GROUP = False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _backend(cfg: ParallelConfig) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> Groups:
+    """Initialise the default process group (if needed), megatron's model-parallel groups and RNGs.
+
+    Applies the CPU shim when CUDA is absent. ``seed`` feeds ``model_parallel_cuda_manual_seed``
+    (data-parallel seed = seed, TP seed = seed + 2718 + tp_rank) and the CPU generator.
+    """
+    global _GROUPS, _OWNS_PROCESS_GROUP
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from delta_megatron.models import cpu_shim
+
+    if _GROUPS is not None:
+        raise RuntimeError("init_distributed called twice; call parallel.destroy() first")
+    cpu_shim.apply()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        timeout = timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(_backend(cfg), timeout=timeout)
+        else:  # plain single process: no launcher, no environment
+            dist.init_process_group(_backend(cfg), init_method=f"tcp://127.0.0.1:{free_port()}",
+                                    rank=0, world_size=1, timeout=timeout)
+        _OWNS_PROCESS_GROUP = True
+    world = dist.get_world_size()
+    if world % (cfg.tp * cfg.pp * cfg.cp):
+        raise ValueError(f"parallel: world size {world} is not divisible by tp*pp*cp="
+                         f"{cfg.tp * cfg.pp * cfg.cp}")
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tp,
+        pipeline_model_parallel_size=cfg.pp,
+        virtual_pipeline_model_parallel_size=cfg.vpp,
+        context_parallel_size=cfg.cp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    _GROUPS = Groups.from_parallel_state()
+    return _GROUPS
+
+
+def is_initialized() -> bool:
+    return _GROUPS is not None
+
+
+def get_groups() -> Groups:
+    if _GROUPS is None:
+        raise RuntimeError("parallel groups are not initialised: call parallel.init_distributed()")
+    return _GROUPS
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and (if we created it) the default process group."""
+    global _GROUPS, _OWNS_PROCESS_GROUP
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if _OWNS_PROCESS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _GROUPS, _OWNS_PROCESS_GROUP = None, False

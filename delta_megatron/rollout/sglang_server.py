@@ -1,0 +1,199 @@
+"""Launching SGLang servers and ``sglang_router`` as child processes, and waiting until they serve.
+
+``launch_server_group`` starts ``num_servers`` × ``python -m sglang.launch_server`` (GPUs
+``i*tp .. i*tp+tp-1`` via ``--base-gpu-id``), waits for each ``/health``, then starts
+``python -m sglang_router.launch_router --worker-urls ...`` and waits until the router lists every
+worker as healthy. Each child runs in its own session with its log in ``log_dir``; a child that exits
+during start-up fails the launch at once with the tail of its log, and everything already started is
+stopped. On a cluster where servers are started by Slurm instead, skip this module and give their
+URLs to :class:`~delta_megatron.rollout.sglang_engine.SGLangEngine` directly.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from delta_megatron.rollout.engine import RolloutError
+
+__all__ = ["ManagedProcess", "ServerGroup", "server_command", "router_command", "start_process",
+           "wait_healthy", "launch_server_group"]
+
+
+def server_command(model_path: str, port: int, cfg, *, host: str = "127.0.0.1",
+                   base_gpu_id: int = 0, python: str = sys.executable) -> list[str]:
+    """``python -m sglang.launch_server`` for one server of ``cfg`` (an SGLangConfig)."""
+    return [python, "-m", "sglang.launch_server", "--model-path", str(model_path),
+            "--host", host, "--port", str(port), "--tp-size", str(cfg.tp),
+            "--mem-fraction-static", str(cfg.mem_fraction), "--base-gpu-id", str(base_gpu_id),
+            *cfg.extra_args]
+
+
+def router_command(worker_urls: Sequence[str], port: int, *, host: str = "127.0.0.1",
+                   policy: str = "cache_aware", python: str = sys.executable,
+                   extra_args: Sequence[str] = ()) -> list[str]:
+    """``python -m sglang_router.launch_router --worker-urls ...`` (sglang-router >= 0.2)."""
+    return [python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
+            "--host", host, "--port", str(port), "--policy", policy, *extra_args]
+
+
+@dataclass
+class ManagedProcess:
+    """A child process in its own session (so stopping it stops its workers) with a log file."""
+
+    name: str
+    cmd: list[str]
+    proc: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "<no log>"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM the child's process group, SIGKILL it after ``timeout_s``."""
+        if not self.alive():
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)  # the group of *our* child (start_new_session)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=timeout_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def start_process(name: str, cmd: list[str], log_dir: str | Path,
+                  env: dict[str, str] | None = None) -> ManagedProcess:
+    log_path = Path(log_dir) / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+    return ManagedProcess(name, cmd, proc, log_path)
+
+
+def _get(url: str, timeout: float) -> tuple[int, str]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", parts.path or "/")
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode("utf-8", errors="replace")
+    finally:
+        conn.close()
+
+
+def _healthy_workers(body: str) -> int:
+    data = json.loads(body)
+    if "workers" in data:  # sglang-router >= 0.2: {"workers": [{"url", "is_healthy", ...}], ...}
+        return sum(bool(w.get("is_healthy", True)) for w in data["workers"])
+    return len(data.get("urls", []))  # older /list_workers
+
+
+def wait_healthy(url: str, *, timeout_s: float, process: ManagedProcess | None = None,
+                 path: str = "/health", poll_s: float = 1.0, expect_workers: int | None = None,
+                 stop: threading.Event | None = None) -> None:
+    """Poll ``url + path`` until HTTP 200 (and, for a router, ``expect_workers`` healthy workers).
+
+    Fails early with the log tail when ``process`` exits; fails with the last error at the deadline.
+    """
+    deadline = time.monotonic() + timeout_s
+    stop = stop or threading.Event()
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if process is not None and not process.alive():
+            raise RolloutError(f"{process.name} exited with code {process.proc.returncode} before "
+                               f"{url} was healthy; last log lines:\n{process.tail()}")
+        try:
+            status, body = _get(url + path, timeout=min(10.0, timeout_s))
+            if status == 200 and expect_workers is None:
+                return
+            if status == 200:
+                status, body = _get(url + "/workers", timeout=10.0)
+                if status == 404:
+                    status, body = _get(url + "/list_workers", timeout=10.0)
+                count = _healthy_workers(body) if status == 200 else 0
+                if count >= expect_workers:
+                    return
+                last = f"{count} of {expect_workers} workers healthy"
+            else:
+                last = f"HTTP {status}"
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            last = repr(err)
+        if stop.wait(poll_s):
+            break
+    tail = f"; last log lines:\n{process.tail()}" if process is not None else ""
+    raise RolloutError(f"{url}{path} not healthy after {timeout_s:g} s ({last}){tail}")
+
+
+@dataclass
+class ServerGroup:
+    """Servers (+ router) this process started; ``close`` stops them (router first)."""
+
+    servers: list[ManagedProcess] = field(default_factory=list)
+    router: ManagedProcess | None = None
+    worker_urls: list[str] = field(default_factory=list)
+    router_url: str | None = None
+
+    def close(self) -> None:
+        for proc in ([self.router] if self.router else []) + self.servers[::-1]:
+            proc.stop()
+
+    def __enter__(self) -> ServerGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def launch_server_group(model_path: str, cfg, *, host: str = "127.0.0.1",
+                        log_dir: str | Path | None = None, startup_timeout_s: float = 900.0,
+                        router: bool = True, router_policy: str = "cache_aware",
+                        port_stride: int = 10,
+                        server_cmd: Callable[[int, int], list[str]] | None = None,
+                        env: dict[str, str] | None = None) -> ServerGroup:
+    """Start ``cfg.num_servers`` servers on ``cfg.port_base + i*port_stride`` and a router on
+    ``cfg.router_port``; returns once all serve. ``server_cmd(port, base_gpu_id)`` replaces the
+    SGLang command (tests start :mod:`~delta_megatron.rollout.fake_sglang` servers this way)."""
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="dm-sglang-"))
+    group = ServerGroup()
+    try:
+        for i in range(cfg.num_servers):
+            port = cfg.port_base + i * port_stride
+            cmd = (server_cmd(port, i * cfg.tp) if server_cmd is not None
+                   else server_command(model_path, port, cfg, host=host, base_gpu_id=i * cfg.tp))
+            group.servers.append(start_process(f"sglang-server-{i}", cmd, log_dir, env))
+            group.worker_urls.append(f"http://{host}:{port}")
+        for url, proc in zip(group.worker_urls, group.servers):  # they start in parallel
+            wait_healthy(url, timeout_s=startup_timeout_s, process=proc)
+        if router:
+            group.router = start_process(
+                "sglang-router", router_command(group.worker_urls, cfg.router_port, host=host,
+                                                policy=router_policy), log_dir, env)
+            group.router_url = f"http://{host}:{cfg.router_port}"
+            wait_healthy(group.router_url, timeout_s=min(startup_timeout_s, 300.0),
+                         process=group.router, poll_s=0.5, expect_workers=len(group.worker_urls))
+    except BaseException:
+        group.close()
+        raise
+    return group

@@ -31,7 +31,10 @@ class PolicyLossInputs:
     logp_old: torch.Tensor  # [tokens]
     advantages: torch.Tensor  # [tokens] (after additive/multiplicative credit transforms)
     mask: torch.Tensor  # [tokens] bool
-    seq_index: torch.Tensor  # [tokens] long, local sequence index 0..num_seqs-1
+    # [tokens] long, sequence index 0..num_seqs-1; under CP it must number the micro-batch's sequences
+    # identically on every CP rank (GSPO all-reduces per-sequence sums), even for sequences a rank
+    # holds no token of
+    seq_index: torch.Tensor
     seq_lengths: torch.Tensor  # [num_seqs] valid tokens of each whole response
     num_seqs: int
     normalizer: LossNormalizer
@@ -54,6 +57,9 @@ def policy_loss(cfg: AlgoConfig, inp: PolicyLossInputs) -> tuple[torch.Tensor, d
         out = sapo_loss(inp.logp, inp.logp_old, inp.advantages, loss_cfg.sapo.tau_pos,
                         loss_cfg.sapo.tau_neg)
     elif loss_cfg.name == "fipo":
+        if inp.cp_group is not None:
+            raise NotImplementedError("algo.loss.name: 'fipo' — the future-KL suffix sum crosses "
+                                      "context-parallel chunks; run FIPO with parallel.cp=1")
         out, mask = fipo_loss(inp.logp, inp.logp_old, inp.advantages, mask, inp.seq_index,
                               inp.num_seqs, loss_cfg.fipo, loss_cfg.clip_low, loss_cfg.clip_high,
                               loss_cfg.dual_clip_c)

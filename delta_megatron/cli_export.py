@@ -28,11 +28,40 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def load_model_from_checkpoint(ckpt_dir: str | Path, cfg: Config):
-    """Build the sharded model and load a megatron dist-ckpt (checkpoint/ owns the format)."""
-    raise NotImplementedError(
-        f"load_model_from_checkpoint({ckpt_dir!s}): loading megatron dist-checkpoints is not wired "
-        "yet (delta_megatron.checkpoint); export from an in-memory model with "
-        "export_hf(model, cfg, out_dir)")
+    """This rank's model chunks with the weights of a trainer checkpoint (``step_N/actor`` holds a
+    megatron dist-ckpt). dist-ckpt reshards on load, so any TP/PP layout can read any other's; only the
+    model entries are read (the optimizer state is left on disk). ``parallel_state`` must be set up."""
+    from megatron.core import dist_checkpointing
+
+    from delta_megatron.models.gpt import build_model_chunks
+
+    path = Path(ckpt_dir)
+    if (path / "actor").is_dir():
+        path = path / "actor"
+    if not (path / "metadata.json").exists():
+        raise FileNotFoundError(f"{ckpt_dir!s} is not a trainer checkpoint (no actor/metadata.json)")
+    chunks = build_model_chunks(cfg.model, cfg.parallel, load_hf=False)
+    state = dist_checkpointing.load({f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)},
+                                    str(path))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"model{i}"])
+    return chunks
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint step dir, run dir) from a step dir, a ``checkpoints/`` root or a run dir."""
+    from delta_megatron.checkpoint import CheckpointManager
+
+    p = Path(path)
+    for root in (p, p / "checkpoints"):
+        latest = CheckpointManager(root).latest() if root.is_dir() else None
+        if latest is not None and not (p / "actor").is_dir():
+            p = latest
+            break
+    if not (p / "actor").is_dir():
+        raise FileNotFoundError(f"{path!s}: no checkpoint found (expected step_N/actor, a checkpoints/ "
+                                "directory or a run directory)")
+    return p, p.parent.parent
 
 
 def _coords() -> tuple[bool, bool, int]:
@@ -195,18 +224,37 @@ def export_hf(model_or_ckpt, cfg: Config | ModelConfig, out_dir: str | Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``delta-megatron export --config run.yaml --ckpt DIR --out DIR [--tokenizer DIR]``."""
+    """``delta-megatron export CKPT OUT_DIR [--config run.yaml] [--tokenizer DIR] [--dtype bfloat16]``.
+
+    CKPT: a checkpoint step dir, a ``checkpoints/`` dir or a run dir (latest checkpoint). The run's
+    ``config.yaml`` and ``tokenizer/`` are found next to its checkpoints. Runs in one process (or under
+    torchrun with overrides such as ``parallel.tp=2`` for models that do not fit one device)."""
     from delta_megatron.config import load_config
+    from delta_megatron.parallel import destroy, init_distributed
 
     parser = argparse.ArgumentParser(prog="delta-megatron export", description=main.__doc__)
-    parser.add_argument("--config", required=True, help="the run's YAML config")
-    parser.add_argument("--ckpt", required=True, help="megatron checkpoint directory")
-    parser.add_argument("--out", required=True, help="HF output directory")
-    parser.add_argument("--tokenizer", default=None, help="directory with tokenizer files")
+    parser.add_argument("ckpt", help="checkpoint step dir, checkpoints/ dir or run dir")
+    parser.add_argument("out", help="HF output directory (written atomically)")
+    parser.add_argument("--config", default=None, help="the run's YAML (default: <run>/config.yaml)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: <run>/tokenizer, "
+                        "data.tokenizer or model.hf_path)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-shard-gb", type=float, default=4.0)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides (a.b=c)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    export_hf(args.ckpt, cfg, args.out, args.tokenizer,
-              max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+    step_dir, run_dir = resolve_checkpoint(args.ckpt)
+    config_path = Path(args.config) if args.config else run_dir / "config.yaml"
+    if not config_path.exists():
+        parser.error(f"no config at {config_path}; pass --config")
+    layout = ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1", "parallel.vpp=null",
+              "parallel.sequence_parallel=false", "model.hf_path=null"]
+    cfg = load_config(config_path, layout + list(args.overrides))
+    tokenizer = args.tokenizer or next((str(p) for p in (run_dir / "tokenizer",) if p.is_dir()),
+                                       cfg.data.tokenizer)
+    init_distributed(cfg.parallel, seed=0)
+    try:
+        export_hf(step_dir, cfg, args.out, tokenizer, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+                  dtype=getattr(torch, args.dtype) if args.dtype else None)
+    finally:
+        destroy()
     return 0

@@ -70,10 +70,6 @@ class MegatronActor:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         chunks = build_model_chunks(cfg.model, cfg.parallel,
                                     config_overrides={"calculate_per_token_loss": True})
-        if cfg.model.hf_path:
-            from delta_megatron.models.converter import hf_to_megatron
-
-            hf_to_megatron(chunks, cfg.model, cfg.model.hf_path)
         self.model = wrap_ddp(chunks, cfg.parallel)
         steps = total_optimizer_steps or cfg.train.steps * cfg.train.mini_batches * cfg.train.ppo_epochs
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.model, cfg.parallel, cfg.train, steps)
@@ -197,17 +193,24 @@ class MegatronActor:
             self._run(mbs, partial(_call_with_pass, loss_fn, p), forward_only=True)
             if engine is not None:
                 engine.end_pass(p)
-        batch.add_token_field("logp_old", logp, overwrite=True)
-        if entropy is not None:
-            batch.add_token_field("entropy", entropy, overwrite=True)
+        credit = torch.zeros(batch.num_tokens) if capture.delta is not None else None
         if engine is not None:
-            credit = torch.zeros(batch.num_tokens)
             for i, mb in enumerate(mbs):
                 values = self._gather_tp_rows(mb, engine.values(i).float())
                 valid = mb.target_index >= 0
                 credit[mb.target_index[valid]] = values.cpu()[valid]
-            batch.add_token_field("credit_delta", credit, overwrite=True)
             metrics = {f"credit/{k}": float(v) for k, v in engine.metrics.items()}
+        if self.groups.pp_size > 1:  # every stage holds the fields: credit stages run on every rank
+            logp, entropy, credit = (None if t is None else self._from_last_stage(t)
+                                     for t in (logp, entropy, credit))
+            box = [metrics]
+            dist.broadcast_object_list(box, src=self._last_stage_rank(), group=self.groups.pp)
+            metrics = box[0]
+        batch.add_token_field("logp_old", logp, overwrite=True)
+        if entropy is not None:
+            batch.add_token_field("entropy", entropy, overwrite=True)
+        if credit is not None:
+            batch.add_token_field("credit_delta", credit, overwrite=True)
         return metrics
 
     @torch.no_grad()
@@ -230,10 +233,7 @@ class MegatronActor:
         flat = torch.cat([m.bool() for m in masks])
         sums = torch.zeros(len(seqs), dtype=torch.float64)
         sums.index_add_(0, scored.seq_index[flat], logp[flat].double())
-        if self.groups.pp_size > 1:
-            last = dist.get_process_group_ranks(self.groups.pp)[-1]
-            dist.broadcast(sums, src=last, group=self.groups.pp)
-        return sums
+        return self._from_last_stage(sums)
 
     def _extra_passes(self, engine) -> Iterator[int]:
         """Further forward-only passes the DelTA engine asks for (moments / recompute modes). The
@@ -243,13 +243,22 @@ class MegatronActor:
             more = torch.tensor([0], dtype=torch.long)
             if engine is not None:
                 more[0] = int(not engine.finished)
-            if self.groups.pp_size > 1:
-                last = dist.get_process_group_ranks(self.groups.pp)[-1]
-                dist.broadcast(more, src=last, group=self.groups.pp)
-            if not int(more[0]):
+            if not int(self._from_last_stage(more)[0]):
                 return
             yield p
             p += 1
+
+    def _last_stage_rank(self) -> int:
+        return dist.get_process_group_ranks(self.groups.pp)[-1]
+
+    def _from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the last pipeline stage holds it (a no-op without PP). Collectives run on the
+        actor's device (NCCL takes no CPU tensors); the result is on ``t``'s device."""
+        if self.groups.pp_size == 1:
+            return t
+        buf = t.to(self.device)
+        dist.broadcast(buf, src=self._last_stage_rank(), group=self.groups.pp)
+        return buf.to(t.device)
 
     def _gather_tp_rows(self, mb: MicroBatch, local: torch.Tensor) -> torch.Tensor:
         """λ̄ of the sequence-parallel shard → the whole row (every TP rank computes the loss)."""
@@ -301,13 +310,15 @@ class MegatronActor:
             if plan.microbatch_mask is not None:
                 cp = self.groups.cp if self.groups.cp_size > 1 else None  # CP shards select together
                 mask = plan.microbatch_mask(ent[rows.to(self.device)].detach(), mask, cp)
-            seq_global = batch.seq_index[idx]
-            seqs, seq_local = torch.unique(seq_global, return_inverse=True)
+            # sequences numbered by their place in the micro-batch: the same on every CP rank, even
+            # for a sequence a rank holds no token of (GSPO all-reduces per-sequence sums over CP)
+            seqs = torch.tensor(mb.samples, dtype=torch.long)
+            seq_local = torch.searchsorted(seqs, batch.seq_index[idx])
             inp = PolicyLossInputs(
                 logp=lp[rows.to(self.device)], logp_old=fields["logp_old"][idx].to(self.device),
                 advantages=fields[plan.advantage_field][idx].to(self.device), mask=mask,
                 seq_index=seq_local.to(self.device), seq_lengths=resp_lens[seqs].to(self.device),
-                num_seqs=int(seqs.numel()), normalizer=normalizer,
+                num_seqs=len(mb.samples), normalizer=normalizer,
                 token_weight=None if weight is None else weight[idx].to(self.device),
                 cp_group=self.groups.cp if self.groups.cp_size > 1 else None)
             if plan.objective == "sft":
@@ -339,7 +350,7 @@ class MegatronActor:
         if plan.microbatch_count is not None:
             local = sum(plan.microbatch_count(int((loss_mask[mb.target_index[mb.response]]).sum()))
                         for mb in mbs)
-            count = torch.tensor([float(local)], dtype=torch.float64)
+            count = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
             dist.all_reduce(count, group=self.groups.dp_cp)
             num_tokens = float(count[0])
         else:
@@ -354,12 +365,11 @@ class MegatronActor:
         for metrics in collected:
             for i, n in enumerate(names):
                 buf[i] += metrics.get(n, 0.0)
+        buf = buf.to(self.device)  # NCCL takes no CPU tensors
         if self.groups.is_last_stage:
             dist.all_reduce(buf, group=self.groups.dp_cp)
-        if self.groups.pp_size > 1:
-            last = dist.get_process_group_ranks(self.groups.pp)[-1]
-            dist.broadcast(buf, src=last, group=self.groups.pp)
-        return {f"train/{n}": float(v) for n, v in zip(names, buf)}
+        buf = self._from_last_stage(buf)
+        return {f"train/{n}": float(v) for n, v in zip(names, buf.tolist())}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path) -> None:

@@ -1,0 +1,144 @@
+"""Unsharded reference for the actor tests, written against transformers only (no megatron).
+
+Everything the Megatron actor computes for a RolloutBatch, redone per sequence with the HF model:
+per-token ``log p``, entropy and the LM-head input ``h`` (``last_hidden_state``: after the final
+norm), DelTA λ̄ by the literal ``delta_reference`` on ``v = (1 − p) h``, and the PPO train step
+(DAPO-style clip-higher + dual clip, token-mean over each mini-batch, λ̄ as loss weight, grad-norm
+clipping, Adam) with ``torch.optim.Adam``.
+
+Alignment follows RolloutBatch: the value at flat index ``t`` describes ``tokens[t]`` given the
+tokens before it; the first token of each sequence has no prediction (0 there).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from delta_megatron.batch import RolloutBatch
+from delta_megatron.credit.delta import DeltaConfig, delta_reference
+
+
+@dataclass
+class TokenRef:
+    logp: torch.Tensor  # [T] log p(tokens[t] | tokens[<t]) at temperature T
+    entropy: torch.Tensor  # [T] entropy of the distribution that predicts tokens[t]
+    hidden: torch.Tensor  # [T, d] LM-head input at the position that predicts tokens[t]
+    has_target: torch.Tensor  # [T] bool: not the first token of its sequence
+
+
+def _sequences(batch: RolloutBatch) -> list[tuple[int, int]]:
+    return list(zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist()))
+
+
+def token_stats(model, batch: RolloutBatch, temperature: float = 1.0, grad: bool = False) -> TokenRef:
+    """Per-token log p / entropy / h of ``batch`` under the HF ``model`` (each sequence alone)."""
+    d = model.config.hidden_size
+    logp = torch.zeros(batch.num_tokens)
+    entropy = torch.zeros(batch.num_tokens)
+    hidden = torch.zeros(batch.num_tokens, d)
+    has_target = torch.zeros(batch.num_tokens, dtype=torch.bool)
+    logp_parts = []
+    with torch.set_grad_enabled(grad):
+        for s, e in _sequences(batch):
+            ids = batch.tokens[s:e].unsqueeze(0)
+            h = model.model(input_ids=ids).last_hidden_state[0]  # [n, d], post final norm
+            logits = model.lm_head(h) / temperature  # [n, V]
+            lsm = torch.log_softmax(logits.float(), dim=-1)
+            lp = lsm[:-1].gather(1, ids[0, 1:, None])[:, 0]  # [n-1]
+            logp_parts.append((s, lp))
+            entropy[s + 1:e] = -(lsm[:-1].exp() * lsm[:-1]).sum(-1).detach()
+            hidden[s + 1:e] = h[:-1].detach()
+            has_target[s + 1:e] = True
+    if grad:  # differentiable flat log p
+        pieces, last = [], 0
+        for s, lp in logp_parts:
+            pieces.append(torch.zeros(s + 1 - last))
+            pieces.append(lp)
+            last = s + 1 + lp.numel()
+        pieces.append(torch.zeros(batch.num_tokens - last))
+        logp = torch.cat(pieces)
+    else:
+        for s, lp in logp_parts:
+            logp[s + 1:s + 1 + lp.numel()] = lp
+    return TokenRef(logp=logp, entropy=entropy, hidden=hidden, has_target=has_target)
+
+
+def delta_lambda(ref: TokenRef, batch: RolloutBatch, cfg: DeltaConfig) -> torch.Tensor:
+    """λ̄ [T] of the literal single-process DelTA on v = (1 − p(y)) h over all loss tokens."""
+    v = (-torch.expm1(ref.logp.double())).unsqueeze(-1) * ref.hidden.double()  # [T, d]
+    lam = delta_reference(v.float(), batch["advantage_tokens"], batch.loss_mask, cfg)
+    return lam.float()
+
+
+def minibatch_plan(batch: RolloutBatch, mini_batches: int) -> list[list[int]]:
+    """Mini-batches as contiguous runs of prompt groups (groups are contiguous in the test batch)."""
+    groups = batch["group_id"].tolist()
+    order = sorted(set(groups), key=groups.index)
+    bounds = [round(len(order) * k / mini_batches) for k in range(mini_batches + 1)]
+    return [[i for i, g in enumerate(groups) if g in order[bounds[k]:bounds[k + 1]]]
+            for k in range(mini_batches)]
+
+
+@dataclass
+class TrainRef:
+    state_dict: dict[str, torch.Tensor]  # HF weights after the step
+    grad_norms: list[float]  # pre-clip global grad norm per mini-batch
+    ppo_kl: list[float]  # token-mean (logp_old − logp) per mini-batch
+    model: object  # the updated HF model
+
+
+def ppo_token_loss(logp, logp_old, adv, clip_low, clip_high, dual_c):
+    """−A·r clipped (DAPO clip-higher) with the dual clip bound for A < 0, per token."""
+    ratio = torch.exp(torch.clamp(logp - logp_old, -20.0, 20.0))
+    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    if dual_c is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_c), loss)
+    return loss
+
+
+def train_step(model, batch: RolloutBatch, logp_old: torch.Tensor, weight: torch.Tensor | None,
+               cfg) -> TrainRef:
+    """One rollout batch of PPO (one epoch, ``cfg.train.mini_batches`` Adam steps) on a copy of
+    ``model``. ``cfg`` is the actor's Config (lr, betas, eps, clip, loss settings)."""
+    model = copy.deepcopy(model).train()
+    tr, loss_cfg = cfg.train, cfg.algo.loss
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    opt = torch.optim.Adam(params, lr=tr.lr, betas=tuple(tr.adam_betas), eps=tr.adam_eps,
+                           weight_decay=tr.weight_decay)
+    adv = batch["advantage_tokens"]
+    norms, kls = [], []
+    for mini in minibatch_plan(batch, tr.mini_batches):
+        sel = torch.zeros(batch.num_tokens, dtype=torch.bool)
+        sel[batch.token_indices(mini)] = True
+        mask = sel & batch.loss_mask
+        n = float(mask.sum())
+        opt.zero_grad()
+        cur = token_stats(model, batch, cfg.rollout.temperature, grad=True).logp
+        tok = ppo_token_loss(cur[mask], logp_old[mask], adv[mask], loss_cfg.clip_low,
+                             loss_cfg.clip_high, loss_cfg.dual_clip_c)
+        if weight is not None:
+            tok = tok * weight[mask]
+        (tok.sum() / n).backward()
+        kls.append(float((logp_old[mask] - cur[mask].detach()).sum() / n))
+        if tr.grad_clip > 0:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)))
+        else:
+            norms.append(float(torch.norm(torch.stack([p.grad.norm() for p in params]))))
+        opt.step()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return TrainRef(state_dict=sd, grad_norms=norms, ppo_kl=kls, model=model.eval())
+
+
+def score_sums(model, seqs: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """Σ log p(y_t | y_<t) over the marked positions of each sequence (float64)."""
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    with torch.no_grad():
+        for i, (s, m) in enumerate(zip(seqs, masks)):
+            lsm = torch.log_softmax(model(s.unsqueeze(0)).logits[0].float(), dim=-1)
+            lp = torch.zeros(len(s))
+            lp[1:] = lsm[:-1].gather(1, s[1:, None])[:, 0]
+            out[i] = lp[m.bool()].double().sum()
+    return out

@@ -1,0 +1,186 @@
+"""The Megatron actor in one process (TP = PP = DP = 1) against an unsharded transformers reference.
+
+The actor loads a tiny Qwen3 (fp32; vocab 64, hidden 64, 4 heads / 2 KV heads, 4 layers) from an HF
+checkpoint; ``tests/actor/hf_reference.py`` recomputes everything from the same checkpoint with
+transformers, one sequence at a time:
+
+* ``old_logprobs``: log p and entropy of every token (1e-5), for token budgets that pack the 12
+  samples one per micro-batch, a few per micro-batch and all in one (packing must not matter);
+* DelTA λ̄ (``credit_delta``) = ``delta_reference`` on v = (1 − p) h from HF's final-norm hidden
+  states (1e-5), in cache / moments / recompute mode, with 0 / K+1 / K+2 extra forwards;
+* ``score_sequences`` = HF sums of log p;
+* ``train``: two PPO mini-batches (two Adam steps, the first one grad-norm clipped) give the same weights
+  as the HF reference step with ``torch.optim.Adam`` (1e-5), for micro-batch budgets 24 and 4096
+  (and the plain vs the distributed optimizer); the first mini-batch's ``ppo_kl`` is 0.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from delta_megatron.actor.megatron_actor import Capture, LossPlan, MegatronActor
+from delta_megatron.credit.delta import DeltaConfig, DeltaCredit
+from delta_megatron.parallel import destroy, init_distributed
+from tests.actor import hf_reference as ref_lib
+from tests.dist.actor_worker import (
+    count_runs,
+    export_weights,
+    load_hf,
+    make_batch,
+    make_config,
+    record_minibatches,
+    score_inputs,
+    write_hf_checkpoint,
+)
+
+TOL = dict(atol=1e-5, rtol=0)
+# transformer forwards over the batch per old_logprobs call with K = 1 (cache: none extra)
+RUNS = {"cache": 1, "moments": 3, "recompute": 4}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return write_hf_checkpoint(tmp_path_factory.mktemp("actor") / "qwen3_tiny")
+
+
+@pytest.fixture(scope="module")
+def ref(hf_dir):
+    cfg = make_config(hf_dir)
+    model = load_hf(hf_dir)
+    batch = make_batch()
+    tokens = ref_lib.token_stats(model, batch)
+    lam = ref_lib.delta_lambda(tokens, batch, cfg.credit.delta)
+    return SimpleNamespace(model=model, batch=batch, tokens=tokens, lam=lam,
+                           train=ref_lib.train_step(model, batch, tokens.logp, lam, cfg))
+
+
+@pytest.fixture(scope="module")
+def groups(hf_dir):
+    g = init_distributed(make_config(hf_dir).parallel, seed=3)
+    yield g
+    destroy()
+
+
+@pytest.fixture(scope="module")
+def actor(groups, hf_dir):
+    return MegatronActor(make_config(hf_dir), groups)
+
+
+def test_reference_is_not_degenerate(ref):
+    """The comparisons below mean something: λ̄ varies, both advantage signs and A = 0 occur."""
+    resp = ref.batch.loss_mask
+    adv = ref.batch["advantage_tokens"][resp]
+    assert (adv > 0).any() and (adv < 0).any() and (adv == 0).any()
+    assert ref.lam[resp].std() > 0.05
+    assert ref.lam[resp].mean() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("budget", [5, 24, 4096])
+def test_old_logprobs_equal_hf_for_any_token_budget(actor, ref, budget):
+    batch = make_batch()
+    assert len(batch.micro_batches(budget)) == {5: 12, 24: 6, 4096: 1}[budget]  # the packings differ
+    actor.cfg.train.max_tokens_per_gpu_logprob = budget
+    try:
+        actor.old_logprobs(batch, Capture(entropy=True))
+    finally:
+        actor.cfg.train.max_tokens_per_gpu_logprob = 24
+    has = ref.tokens.has_target
+    torch.testing.assert_close(batch["logp_old"][has], ref.tokens.logp[has], **TOL)
+    torch.testing.assert_close(batch["entropy"][has], ref.tokens.entropy[has], **TOL)
+    assert (batch["logp_old"][~has] == 0).all()
+
+
+def test_old_logprobs_apply_the_rollout_temperature(actor, ref):
+    batch = make_batch()
+    actor.cfg.rollout.temperature = 0.7
+    try:
+        actor.old_logprobs(batch)
+    finally:
+        actor.cfg.rollout.temperature = 1.0
+    hot = ref_lib.token_stats(ref.model, batch, temperature=0.7)
+    has = hot.has_target
+    torch.testing.assert_close(batch["logp_old"][has], hot.logp[has], **TOL)
+    assert (hot.logp - ref.tokens.logp)[has].abs().max() > 0.1  # T matters at this scale
+
+
+@pytest.mark.parametrize("mode", ["cache", "moments", "recompute"])
+def test_delta_lambda_equals_reference(actor, ref, mode):
+    batch = make_batch()
+    runs = count_runs(actor)
+    try:
+        metrics = actor.old_logprobs(batch, Capture(delta=DeltaCredit(DeltaConfig(mode=mode))))
+    finally:
+        del actor._run  # drop the spy (instance attribute) again
+    torch.testing.assert_close(batch["credit_delta"], ref.lam, **TOL)  # 0 off the response
+    assert runs[0] == RUNS[mode]
+    assert metrics["credit/delta/extra_forwards"] == RUNS[mode] - 1
+    adv = batch["advantage_tokens"][batch.loss_mask]
+    assert metrics["credit/delta/n_pos"] == float((adv > 0).sum())
+    assert metrics["credit/delta/n_neg"] == float((adv < 0).sum())
+    assert metrics["credit/delta/n_zero"] == float((adv == 0).sum())
+
+
+def test_score_sequences_equal_hf_sums(actor, ref):
+    seqs, masks = score_inputs(ref.batch)
+    got = actor.score_sequences(seqs, masks)
+    want = ref_lib.score_sums(ref.model, seqs, masks)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, atol=1e-5 * max(int(m.sum()) for m in masks), rtol=0)
+
+
+def _train_once(groups, hf_dir, budget: int, dist_opt: bool):
+    cfg = make_config(hf_dir, [f"train.max_tokens_per_gpu_train={budget}",
+                               f"train.max_tokens_per_gpu_logprob={budget}",
+                               f"parallel.distributed_optimizer={str(dist_opt).lower()}"])
+    actor = MegatronActor(cfg, groups)
+    batch = make_batch()
+    actor.old_logprobs(batch, Capture(delta=DeltaCredit(DeltaConfig(mode="cache"))))
+    minis = record_minibatches(actor)
+    mean = actor.train(batch, LossPlan(weight_field="credit_delta"))
+    after = make_batch()
+    actor.old_logprobs(after)
+    return SimpleNamespace(minis=minis, mean=mean, weights=export_weights(actor),
+                           logp_after=after["logp_old"])
+
+
+@pytest.fixture(scope="module")
+def trained(groups, hf_dir):
+    return {budget: _train_once(groups, hf_dir, budget, dist_opt)
+            for budget, dist_opt in ((24, False), (4096, True))}
+
+
+@pytest.mark.parametrize("budget", [24, 4096])
+def test_train_step_equals_reference(trained, ref, budget):
+    got, want = trained[budget], ref.train
+    assert len(got.minis) == 2
+    assert abs(got.minis[0]["train/ppo_kl"]) < 1e-7  # ratio exactly 1 before the first update
+    assert abs(got.minis[1]["train/ppo_kl"] - want.ppo_kl[1]) < 1e-6
+    assert abs(want.ppo_kl[1]) > 1e-3  # ... and measurably not after it
+    for k in range(2):
+        assert got.minis[k]["train/grad_norm"] == pytest.approx(want.grad_norms[k], rel=1e-5)
+        assert got.minis[k]["train/update_skipped"] == 0.0
+    # train.grad_clip = 3: the first step is clipped, the second not (a wrong gradient scale then
+    # shows in the weights, not only in grad_norm)
+    assert want.grad_norms[0] > 3.0 > want.grad_norms[1]
+    initial = ref.model.state_dict()
+    assert set(got.weights) == set(want.state_dict) - {"lm_head.weight"}  # tied: exported once
+    moved = 0.0
+    for name, w in got.weights.items():
+        torch.testing.assert_close(w, want.state_dict[name], **TOL, msg=name)
+        moved = max(moved, float((w - initial[name]).abs().max()))
+    assert moved > 1e-3  # the step is large against the tolerance
+    has = ref.tokens.has_target
+    after = ref_lib.token_stats(want.model, make_batch())
+    # log p after the step inherits the weights' ~3e-7 round-off, amplified through 4 layers
+    torch.testing.assert_close(got.logp_after[has], after.logp[has], atol=5e-5, rtol=0)
+
+
+def test_train_step_is_independent_of_the_microbatch_budget(trained):
+    small, large = trained[24], trained[4096]
+    for name, w in small.weights.items():
+        torch.testing.assert_close(w, large.weights[name], **TOL, msg=name)
+    for key in ("train/pg_loss", "train/ppo_kl", "train/grad_norm", "train/clip_frac"):
+        assert small.mean[key] == pytest.approx(large.mean[key], rel=1e-5, abs=1e-7), key

@@ -1,0 +1,154 @@
+"""The Megatron actor under TP=2 (± sequence parallel), PP=2 and DP=2 equals the single-process actor.
+
+One torchrun launch per layout runs ``tests/dist/actor_worker.py`` (gloo, CPU); a
+``--nproc-per-node 1`` launch of the same worker is the single-process (TP=1) reference, and the
+transformers reference of ``hf_reference.py`` is checked too. Per layout, every rank's
+
+* ``logp_old`` / entropy of the tokens it owns (its DP shard; every PP stage holds the last stage's
+  values) — 1e-5, and 0 on tokens it does not own;
+* DelTA λ̄ in cache / moments / recompute mode — 1e-5, with global token counts and the same number
+  of forwards as one process;
+* ``score_sequences`` sums; the stats of both PPO mini-batches (``ppo_kl`` of the first one 0,
+  grad norm of each);
+* HF weights after ``train`` (the union of the PP stages' senders; other DP replicas hold the same)
+  — 1e-5; log p with the updated weights — 5e-5 (the weights' round-off, amplified).
+
+Sequence parallelism: megatron-core's local spec has no SP-capable norm without apex (its
+``WrappedTorchNorm`` asserts ``not sequence_parallel``), so the SP layout runs with the worker's
+``--sp-torch-norm`` (a torch RMSNorm marked ``sequence_parallel``; see the worker's docstring).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.actor import hf_reference as ref_lib
+from tests.dist.actor_worker import load_hf, make_batch, make_config, score_inputs, write_hf_checkpoint
+from tests.dist.mg_common import torchrun
+
+pytestmark = pytest.mark.dist
+
+LAYOUTS = {
+    "single": (1, []),
+    "tp2": (2, ["--tp", "2", "--dist-opt"]),
+    "tp2_sp": (2, ["--tp", "2", "--sp", "--sp-torch-norm", "--dist-opt"]),
+    "pp2": (2, ["--pp", "2"]),
+    "dp2": (2, ["--dist-opt"]),
+}
+MODES = ("cache", "moments", "recompute")
+RUNS = {"cache": 1, "moments": 3, "recompute": 4}
+TOL = dict(atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return write_hf_checkpoint(tmp_path_factory.mktemp("actor_dist") / "qwen3_tiny")
+
+
+@pytest.fixture(scope="module")
+def hf_ref(hf_dir):
+    cfg = make_config(hf_dir)
+    model = load_hf(hf_dir)
+    batch = make_batch()
+    tokens = ref_lib.token_stats(model, batch)
+    lam = ref_lib.delta_lambda(tokens, batch, cfg.credit.delta)
+    train = ref_lib.train_step(model, batch, tokens.logp, lam, cfg)
+    return dict(tokens=tokens, lam=lam, train=train, after=ref_lib.token_stats(train.model, batch),
+                score=ref_lib.score_sums(model, *score_inputs(batch)))
+
+
+@pytest.fixture(scope="module")
+def launch(hf_dir, tmp_path_factory):
+    """Runs a layout's worker once (lazily); returns the per-rank result dicts."""
+    done: dict[str, list[dict]] = {}
+
+    def get(layout: str) -> list[dict]:
+        if layout not in done:
+            nproc, extra = LAYOUTS[layout]
+            out = tmp_path_factory.mktemp(layout)
+            torchrun("actor_worker.py", nproc, ["--hf", str(hf_dir), "--out", str(out), *extra],
+                     timeout=300)
+            done[layout] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+        return done[layout]
+
+    return get
+
+
+def merged_weights(ranks: list[dict]) -> dict[str, torch.Tensor]:
+    """The DP-replica-0 senders' HF tensors (one per PP stage), no name twice."""
+    out: dict[str, torch.Tensor] = {}
+    for res in ranks:
+        if res["dp_rank"] != 0:
+            continue
+        assert not set(out) & set(res["weights"]), "two senders exported the same tensor"
+        out.update(res["weights"])
+    return out
+
+
+def check_layout(ranks: list[dict], single: list[dict], hf_ref: dict) -> None:
+    tokens, has = hf_ref["tokens"], hf_ref["tokens"].has_target
+    one = single[0]
+    covered = torch.zeros_like(has)
+    for res in ranks:
+        own, other = res["owned"], ~res["owned"]
+        covered |= own
+        sel = own & has
+        for field, want in (("logp_old", tokens.logp), ("entropy", tokens.entropy)):
+            torch.testing.assert_close(res[field][sel], want[sel], **TOL)
+            torch.testing.assert_close(res[field][sel], one[field][sel], **TOL)
+            assert (res[field][other] == 0).all(), field
+        for mode in MODES:
+            got = res["modes"][mode]
+            torch.testing.assert_close(got["credit"][own], hf_ref["lam"][own], **TOL, msg=mode)
+            torch.testing.assert_close(got["credit"][own], one["modes"][mode]["credit"][own], **TOL)
+            assert (got["credit"][other] == 0).all()
+            assert got["runs"] == RUNS[mode], (mode, got["runs"])
+            m, m1 = got["metrics"], one["modes"][mode]["metrics"]
+            for key in ("n_pos", "n_neg", "n_zero", "extra_forwards"):
+                assert m[f"credit/delta/{key}"] == m1[f"credit/delta/{key}"], (mode, key)
+            assert m["credit/delta/lambda_bar_std"] == pytest.approx(
+                m1["credit/delta/lambda_bar_std"], abs=1e-5)
+        torch.testing.assert_close(res["score"], hf_ref["score"], atol=1e-4, rtol=0)
+        minis, want = res["train_minibatches"], hf_ref["train"]
+        assert len(minis) == 2
+        assert abs(minis[0]["train/ppo_kl"]) < 1e-7
+        assert minis[1]["train/ppo_kl"] == pytest.approx(one["train_minibatches"][1]["train/ppo_kl"],
+                                                         abs=1e-6)
+        for k in range(2):
+            assert minis[k]["train/grad_norm"] == pytest.approx(want.grad_norms[k], rel=1e-5)
+            assert minis[k]["train/grad_norm"] == pytest.approx(
+                one["train_minibatches"][k]["train/grad_norm"], rel=1e-5)
+        torch.testing.assert_close(res["logp_after"][sel], hf_ref["after"].logp[sel], atol=5e-5, rtol=0)
+        torch.testing.assert_close(res["logp_after"][sel], one["logp_after"][sel], atol=5e-5, rtol=0)
+    assert covered.all()  # the DP shards cover the batch
+
+    weights, ref_weights = merged_weights(ranks), merged_weights(single)
+    assert set(weights) == set(ref_weights) == set(hf_ref["train"].state_dict) - {"lm_head.weight"}
+    for name, w in weights.items():
+        torch.testing.assert_close(w, hf_ref["train"].state_dict[name], **TOL, msg=name)
+        torch.testing.assert_close(w, ref_weights[name], **TOL, msg=name)
+    for res in ranks:  # other DP replicas stepped to the same weights
+        if res["dp_rank"] != 0:
+            assert set(res["weights"]) == set(weights)
+            for name, w in res["weights"].items():
+                torch.testing.assert_close(w, weights[name], atol=0, rtol=0, msg=name)
+
+
+def test_single_process_worker_equals_hf_reference(launch, hf_ref):
+    """The reference launch itself against transformers (the layouts are compared with both)."""
+    single = launch("single")
+    check_layout(single, single, hf_ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2", "dp2"])
+def test_layout_equals_single_process(launch, hf_ref, layout):
+    ranks = launch(layout)
+    if layout == "pp2":
+        assert [r["is_last"] for r in ranks] == [False, True]
+    if layout == "dp2":
+        assert not (ranks[0]["owned"] & ranks[1]["owned"]).any()  # disjoint shards
+    check_layout(ranks, launch("single"), hf_ref)

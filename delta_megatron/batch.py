@@ -17,8 +17,9 @@ smaller batch, so every split is reversible and deterministic.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ class RolloutBatch:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_samples(cls, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                     **sample_fields: Any) -> "RolloutBatch":
+                     **sample_fields: Any) -> RolloutBatch:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if any(len(r) == 0 for r in responses):
@@ -105,7 +106,7 @@ class RolloutBatch:
                 for s, e, p in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:], self.prompt_lens)]
 
     # ------------------------------------------------------------------ fields
-    def add_token_field(self, name: str, value: torch.Tensor, overwrite: bool = False) -> "RolloutBatch":
+    def add_token_field(self, name: str, value: torch.Tensor, overwrite: bool = False) -> RolloutBatch:
         if value.shape[0] != self.num_tokens:
             raise ValueError(f"token field {name!r} has {value.shape[0]} rows, batch has "
                              f"{self.num_tokens} tokens")
@@ -114,7 +115,7 @@ class RolloutBatch:
         self.token_fields[name] = value
         return self
 
-    def add_sample_field(self, name: str, value: torch.Tensor, overwrite: bool = False) -> "RolloutBatch":
+    def add_sample_field(self, name: str, value: torch.Tensor, overwrite: bool = False) -> RolloutBatch:
         if value.shape[0] != self.num_seqs:
             raise ValueError(f"sample field {name!r} has {value.shape[0]} rows, batch has "
                              f"{self.num_seqs} samples")
@@ -146,7 +147,7 @@ class RolloutBatch:
         return torch.cat([torch.arange(int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1]))
                           for i in sample_indices])
 
-    def select(self, sample_indices: Sequence[int]) -> "RolloutBatch":
+    def select(self, sample_indices: Sequence[int]) -> RolloutBatch:
         """A new packed batch holding the given samples in the given order (fields carried along)."""
         idx = torch.as_tensor(list(sample_indices), dtype=torch.long)
         tok = self.token_indices(list(sample_indices))
@@ -158,7 +159,7 @@ class RolloutBatch:
         return out
 
     @staticmethod
-    def concat(batches: Sequence["RolloutBatch"]) -> "RolloutBatch":
+    def concat(batches: Sequence[RolloutBatch]) -> RolloutBatch:
         first = batches[0]
         out = RolloutBatch(tokens=torch.cat([b.tokens for b in batches]),
                            cu_seqlens=_lengths_to_cu(torch.cat([b.seq_lens for b in batches])),

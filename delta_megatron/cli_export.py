@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from delta_megatron.checkpoint.manager import fsync_tree as _fsync_tree
 from delta_megatron.config import Config, ModelConfig
 from delta_megatron.models.converter import megatron_to_hf
 from delta_megatron.models.hf_config import to_hf_config
@@ -72,18 +73,6 @@ def _coords() -> tuple[bool, bool, int]:
 
     return (dist.get_rank() == 0, ps.get_data_parallel_rank(with_context_parallel=True) == 0,
             ps.get_pipeline_model_parallel_rank())
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _all_ok(ok: bool) -> bool:

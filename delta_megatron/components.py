@@ -7,8 +7,9 @@ Keeping these here lets ``trainer.py`` read like the algorithm (STYLE.md §1).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -11,9 +11,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -117,10 +118,23 @@ class _Bar:
     def __init__(self, bar, task):
         self.bar, self.task = bar, task
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, summary: str | None = None) -> None:
+        """Advance; ``summary`` is printed above the bar (a one-line step report)."""
+        if summary:
+            self.bar.console.print(summary, highlight=False)
         self.bar.advance(self.task, n)
 
 
 class _NullBar:
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, summary: str | None = None) -> None:
         pass
+
+
+def quiet_third_party_warnings() -> None:
+    """Silence megatron-core's start-up notices that repeat on every CPU run (no Apex / TE, fallbacks
+    it takes by design here); everything else still warns."""
+    import warnings
+
+    for pattern in (r".*Apex is not installed.*", r".*Transformer Engine and Apex are not installed.*",
+                    r".*full scope is deprecated.*", r".*Implicit initialization of Rerun.*"):
+        warnings.filterwarnings("ignore", message=pattern)

@@ -40,9 +40,11 @@ def parse(argv: list[str]) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from delta_megatron.logging import quiet_third_party_warnings
     from delta_megatron.trainer import run
     from delta_megatron.utils.preemption import REQUEUE_EXIT_CODE
 
+    quiet_third_party_warnings()
     cfg = parse(list(sys.argv[1:] if argv is None else argv))
     _, preempted = run(cfg)
     return REQUEUE_EXIT_CODE if preempted else 0

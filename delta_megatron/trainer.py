@@ -22,7 +22,7 @@ from delta_megatron.checkpoint import CheckpointManager, resolve_resume, rng_sta
 from delta_megatron.config import Config, dump_yaml, to_dict
 from delta_megatron.credit.pipeline import CreditPipeline
 from delta_megatron.data.sampler import PromptStream
-from delta_megatron.logging import MetricsLogger
+from delta_megatron.logging import MetricsLogger, progress
 from delta_megatron.parallel import get_groups
 from delta_megatron.utils.preemption import Preemption
 
@@ -54,27 +54,35 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, float]]:
         history = []
-        for step in range(self.start_step, self.cfg.train.steps):
-            t0 = time.perf_counter()
-            batch = self.rollout(step)
-            batch = self.score(batch)
-            batch = self.advantages(batch)
-            delta_metrics = self.actor.old_logprobs(batch, capture=self.credit.capture())
-            plan, credit_metrics = self.credit.assign(batch, score_fn=self.actor.score_sequences)
-            train_metrics = self.actor.train(batch, plan)
-            C.sync_weights(self.actor, self.engine)
-            metrics = {**self.batch_metrics(batch), **delta_metrics, **credit_metrics, **train_metrics,
-                       "time/step_s": time.perf_counter() - t0}
-            metrics.update(self.maybe_eval(step))
-            history.append(self.log.log(step, metrics))
-            self.record_samples(step, batch)
-            self.maybe_save(step)
-            if self.preemption.should_stop():  # collective: every rank stops at the same step
-                self.save(step)
-                self.preempted = True
-                break
+        with progress(f"RL {self.out.name}", self.cfg.train.steps - self.start_step,
+                      self.cfg.logging.progress) as bar:
+            for step in range(self.start_step, self.cfg.train.steps):
+                history.append(self.step(step))
+                bar.advance(summary=_summary(step, history[-1]))
+                if self.preemption.should_stop():  # collective: every rank stops at the same step
+                    self.save(step)
+                    self.preempted = True
+                    break
         self.close()
         return history
+
+    def step(self, step: int) -> dict[str, float]:
+        """One RLVR step; returns the logged metrics."""
+        t0 = time.perf_counter()
+        batch = self.rollout(step)
+        batch = self.score(batch)
+        batch = self.advantages(batch)
+        delta_metrics = self.actor.old_logprobs(batch, capture=self.credit.capture())
+        plan, credit_metrics = self.credit.assign(batch, score_fn=self.actor.score_sequences)
+        train_metrics = self.actor.train(batch, plan)
+        C.sync_weights(self.actor, self.engine)
+        metrics = {**self.batch_metrics(batch), **delta_metrics, **credit_metrics, **train_metrics,
+                   "time/step_s": time.perf_counter() - t0}
+        metrics.update(self.maybe_eval(step))
+        logged = self.log.log(step, metrics)
+        self.record_samples(step, batch)
+        self.maybe_save(step)
+        return logged
 
     # ------------------------------------------------------------------ stages
     def rollout(self, step: int) -> RolloutBatch:
@@ -173,7 +181,10 @@ class Trainer:
         weights = batch["credit_weight"] if "credit_weight" in batch else None
         resp = batch.response_mask
         rows = []
-        for i in range(min(count, batch.num_seqs)):
+        adv = batch["advantage"]
+        pos, neg = (adv > 0).nonzero().flatten().tolist(), (adv < 0).nonzero().flatten().tolist()
+        chosen = (pos[: count // 2] + neg[: count // 2]) or list(range(min(count, batch.num_seqs)))
+        for i in chosen:  # responses with A ≠ 0 show what credit assignment does
             tok = batch.token_indices([i])[resp[batch.token_indices([i])]]
             rows.append({"step": step, "sample": i, "advantage": float(batch["advantage"][i]),
                          "reward": float(batch["reward"][i]),
@@ -263,12 +274,24 @@ def sft_warmup(actor: MegatronActor, pairs: list[tuple[list[int], list[int]]], s
     step per batch. Used by the CPU demo so RL starts with a non-zero but improvable reward."""
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(steps):
-        idx = torch.randint(len(pairs), (batch_size,), generator=gen).tolist()
-        batch = RolloutBatch.from_samples([pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
-        stats = actor.train(batch, LossPlan(objective="sft"))
-        losses.append(stats["train/pg_loss"])
+    with progress("SFT warm-up", steps) as bar:
+        for step in range(steps):
+            idx = torch.randint(len(pairs), (batch_size,), generator=gen).tolist()
+            batch = RolloutBatch.from_samples([pairs[i][0] for i in idx], [pairs[i][1] for i in idx])
+            stats = actor.train(batch, LossPlan(objective="sft"))
+            losses.append(stats["train/pg_loss"])
+            bar.advance(summary=f"step {step} nll {losses[-1]:.3f}" if step % 50 == 0 else None)
     return losses
+
+
+def _summary(step: int, m: dict[str, float]) -> str:
+    parts = [f"step {step}", f"reward {m.get('rollout/reward_mean', float('nan')):.3f}",
+             f"len {m.get('rollout/response_len_mean', float('nan')):.1f}"]
+    if "credit/delta/lambda_bar_std" in m:
+        parts.append(f"λ̄ std {m['credit/delta/lambda_bar_std']:.3f}")
+    if any(k.startswith("eval/avg/") for k in m):
+        parts += [f"{k[9:]} {v:.3f}" for k, v in m.items() if k.startswith("eval/avg/")]
+    return f"{' | '.join(parts)} | {m.get('time/step_s', 0):.1f}s"
 
 
 def run(cfg: Config) -> tuple[list[dict[str, Any]], bool]:

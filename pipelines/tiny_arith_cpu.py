@@ -81,6 +81,7 @@ def run_sft(out: Path, steps: int, seed: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from delta_megatron.logging import quiet_third_party_warnings
     from delta_megatron.trainer import run
     from delta_megatron.viz import lambda_heatmap_html, plot_curves, plot_lambda_distribution
 
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--methods", default="delta,dapo")
     args = parser.parse_args(argv)
+    quiet_third_party_warnings()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}

@@ -16,9 +16,10 @@ no extra forward; ``moments`` / ``recompute`` re-run forward-only passes until t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,13 @@ from delta_megatron.algo.aggregation import LossNormalizer
 from delta_megatron.batch import RolloutBatch, balanced_partition
 from delta_megatron.config import Config
 from delta_megatron.credit.delta import scope_group
-from delta_megatron.models.gpt import build_model_chunks, output_weight, resolve_layer_spec, return_hidden, unwrap
+from delta_megatron.models.gpt import (
+    build_model_chunks,
+    output_weight,
+    resolve_layer_spec,
+    return_hidden,
+    unwrap,
+)
 from delta_megatron.ops.logprob import chunked_logprob_from_hidden
 from delta_megatron.parallel import Groups, get_groups
 
@@ -410,7 +417,7 @@ def _call_with_pass(fn, p, mb, hidden):
     return fn(mb, hidden, p)
 
 
-def _sharded_state(actor: "MegatronActor", is_loading: bool = False) -> dict:
+def _sharded_state(actor: MegatronActor, is_loading: bool = False) -> dict:
     """``is_loading`` makes megatron create the optimizer state first (a fresh process has none yet,
     and dist-ckpt loads in place into the tensors of this dict)."""
     model_sd = {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(actor.model)}

@@ -7,7 +7,7 @@ eps 1e-6, a group of one gets mean 0 and std 1).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -12,8 +12,9 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """fsync every file below ``root`` and the directory itself (before an atomic rename)."""
     for path in sorted(root.rglob("*")):
         if path.is_file():
             with open(path, "rb") as fh:
@@ -71,7 +73,7 @@ class CheckpointManager:
         write(tmp)
         _barrier()
         if _rank() == 0:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -13,7 +13,8 @@ stays free of ``if method == ...``: it asks for a capture, runs the pass, and ha
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

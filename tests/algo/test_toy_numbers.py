@@ -8,7 +8,7 @@ import torch
 from delta_megatron.algo import AlgoConfig, LossNormalizer, PolicyLossInputs, compute_advantages, policy_loss
 from delta_megatron.algo.advantages import grpo_advantages
 from delta_megatron.algo.dynamic_sampling import keep_groups
-from delta_megatron.algo.fipo import FIPOConfig, future_kl
+from delta_megatron.algo.fipo import future_kl
 from delta_megatron.algo.kl import kl_penalty
 from delta_megatron.algo.overlong import overlong_penalty
 from delta_megatron.algo.ppo_clip import ppo_clip_loss

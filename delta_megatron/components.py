@@ -79,8 +79,16 @@ def build_engine(cfg: Config, tokenizer: Any):
         model = build_hf_model(cfg.model, seed=cfg.train.seed)
         return EmbeddedEngine(model, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id, config=cfg.rollout, seed=cfg.train.seed)
+    import os
+
     from delta_megatron.rollout.sglang_engine import SGLangEngine
 
+    router = os.environ.get("DELTA_MEGATRON_SGLANG_ROUTER")
+    if router:  # heterogeneous job: the launcher started servers + router on their own nodes
+        from delta_megatron.rollout.sglang_server import wait_healthy
+
+        wait_healthy(router, timeout_s=cfg.rollout.sglang.request_timeout_s)
+        return SGLangEngine(router, config=cfg.rollout.sglang)
     if cfg.model.hf_path is None:
         raise ValueError("rollout.engine: 'sglang' — SGLang servers start from an HF checkpoint; "
                          "set model.hf_path")

@@ -107,8 +107,13 @@ class MegatronActor:
         return shards
 
     def _microbatches(self, batch: RolloutBatch, samples: list[int], budget: int) -> list[MicroBatch]:
-        return [build_microbatch(batch, mb, self.pad_multiple, backend=self.backend)
-                for mb in batch.micro_batches(budget, samples)]
+        plan = batch.micro_batches(budget, samples)
+        length = 1
+        if self.cfg.parallel.vpp:  # interleaved 1F1B: a multiple of PP micro-batches (empty ones add
+            plan += [[]] * (-len(plan) % self.cfg.parallel.pp)  # no token and no loss), all one length
+            length = max(int(batch.seq_lens[mb].sum()) for mb in plan)  # (its p2p shapes are fixed)
+        return [build_microbatch(batch, mb, self.pad_multiple, backend=self.backend, min_length=length)
+                for mb in plan]
 
     # ------------------------------------------------------------------ running the schedule
     def _run(self, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list[dict]:

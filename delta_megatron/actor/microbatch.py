@@ -59,13 +59,13 @@ def block_causal_mask(seq_lens: list[int], total: int) -> torch.Tensor:
 
 
 def build_microbatch(batch: RolloutBatch, samples: list[int], pad_to_multiple: int = 1,
-                     pad_token_id: int = 0, backend: str = "local") -> MicroBatch:
-    """Pack ``samples`` of ``batch`` into one row padded to a multiple of ``pad_to_multiple`` (TP for
-    sequence parallelism)."""
+                     pad_token_id: int = 0, backend: str = "local", min_length: int = 1) -> MicroBatch:
+    """Pack ``samples`` of ``batch`` into one row of at least ``min_length`` tokens, padded to a
+    multiple of ``pad_to_multiple`` (TP for sequence parallelism)."""
     token_idx = batch.token_indices(samples)  # [n]
     lens = batch.seq_lens[samples].tolist()
     n = token_idx.numel()
-    total = -(-max(n, 1) // pad_to_multiple) * pad_to_multiple
+    total = -(-max(n, min_length, 1) // pad_to_multiple) * pad_to_multiple
     input_ids = torch.full((total,), pad_token_id, dtype=torch.long)
     input_ids[:n] = batch.tokens[token_idx]
     positions = torch.zeros(total, dtype=torch.long)

@@ -36,6 +36,7 @@ LAYOUTS = {
     "tp2": (2, ["--tp", "2", "--dist-opt"]),
     "tp2_sp": (2, ["--tp", "2", "--sp", "--sp-torch-norm", "--dist-opt"]),
     "pp2": (2, ["--pp", "2"]),
+    "pp2_vpp2": (2, ["--pp", "2", "--vpp", "2"]),  # interleaved 1F1B, one layer per model chunk
     "dp2": (2, ["--dist-opt"]),
 }
 MODES = ("cache", "moments", "recompute")
@@ -144,7 +145,9 @@ def test_single_process_worker_equals_hf_reference(launch, hf_ref):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2", pytest.param("pp2_vpp2", marks=pytest.mark.xfail(
+    strict=True, reason="known bug: interleaved 1F1B train-pass log-probs differ (first-mini-batch ppo_kl "
+    "0.128); forward-only passes match. parallel.vpp is rejected by config validation until fixed")), "dp2"])
 def test_layout_equals_single_process(launch, hf_ref, layout):
     ranks = launch(layout)
     if layout == "pp2":

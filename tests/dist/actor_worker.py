@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--vpp", type=int, default=None)
     ap.add_argument("--sp", action="store_true")
     ap.add_argument("--sp-torch-norm", action="store_true")
     ap.add_argument("--dist-opt", action="store_true")
@@ -184,6 +185,8 @@ def main() -> None:
     if args.sp_torch_norm:
         install_sp_torch_norm()
     cfg = make_config(args.hf, [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
+                                f"parallel.vpp={args.vpp if args.vpp else 'null'}",
+                                f"parallel.allow_unvalidated_vpp={str(bool(args.vpp)).lower()}",
                                 f"parallel.sequence_parallel={str(args.sp).lower()}",
                                 f"parallel.distributed_optimizer={str(args.dist_opt).lower()}"])
     groups = init_distributed(cfg.parallel, seed=3)

@@ -277,16 +277,3 @@ def cp_gather(batch: RolloutBatch, shards: Sequence[CPShard], values: Sequence[t
     for shard, local in zip(shards, values):
         out[shard.token_index[shard.valid]] = local[shard.valid]
     return out
-
-
-def cp_gather_distributed(batch: RolloutBatch, shard: CPShard, local: torch.Tensor, group) -> torch.Tensor:
-    """:func:`cp_gather` over a process group: every CP rank receives the full per-token tensor."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    shards = [cp_split(batch, shard.cp_size, r, shard.pad_multiple) for r in range(world)]
-    gathered = [torch.empty((s.token_index.numel(),) + tuple(local.shape[1:]), dtype=local.dtype)
-                for s in shards]
-    dist.all_gather(gathered, local.contiguous(), group=group)
-    return cp_gather(batch, shards, gathered)
-

@@ -273,11 +273,6 @@ class Config:
                  "use none (the DAPO-family recipes run without KL)")
 
 
-def finalize(cfg: Config) -> Config:
-    validate(cfg)
-    return cfg
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: Config | None = None) -> Config:
     """Load a YAML config (or start from ``base``/defaults), apply dotted overrides, validate."""

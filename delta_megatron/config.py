@@ -96,7 +96,6 @@ class ParallelConfig:
     layer_spec: Literal["auto", "local", "te"] = "auto"  # auto: TE when importable and CUDA present
     fp8: Literal["none", "delayed", "current", "mxfp8"] = "none"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    allow_unvalidated_vpp: bool = False  # for debugging the interleaved schedule only
 
     def validate(self) -> None:
         for name in ("tp", "pp", "cp"):
@@ -104,10 +103,6 @@ class ParallelConfig:
                 fail(name, getattr(self, name), "must be >= 1")
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             fail("vpp", self.vpp, "interleaved pipelining needs vpp >= 2 and pp >= 2 (or vpp: null)")
-        if self.vpp is not None and not self.allow_unvalidated_vpp:
-            fail("vpp", self.vpp, "interleaved 1F1B training is not validated yet (its forward-only "
-                                  "passes match, its train pass does not: tests/actor/test_actor_dist.py "
-                                  "pp2_vpp2); use vpp: null")
         if self.sequence_parallel and self.tp == 1:
             fail("sequence_parallel", True, "needs tp > 1")
         if self.cp > 1 and self.layer_spec == "local":

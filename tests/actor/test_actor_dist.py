@@ -145,9 +145,7 @@ def test_single_process_worker_equals_hf_reference(launch, hf_ref):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2", pytest.param("pp2_vpp2", marks=pytest.mark.xfail(
-    strict=True, reason="known bug: interleaved 1F1B train-pass log-probs differ (first-mini-batch ppo_kl "
-    "0.128); forward-only passes match. parallel.vpp is rejected by config validation until fixed")), "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2", "pp2_vpp2", "dp2"])
 def test_layout_equals_single_process(launch, hf_ref, layout):
     ranks = launch(layout)
     if layout == "pp2":

@@ -186,7 +186,6 @@ def main() -> None:
         install_sp_torch_norm()
     cfg = make_config(args.hf, [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
                                 f"parallel.vpp={args.vpp if args.vpp else 'null'}",
-                                f"parallel.allow_unvalidated_vpp={str(bool(args.vpp)).lower()}",
                                 f"parallel.sequence_parallel={str(args.sp).lower()}",
                                 f"parallel.distributed_optimizer={str(args.dist_opt).lower()}"])
     groups = init_distributed(cfg.parallel, seed=3)

@@ -183,7 +183,8 @@ class MegatronActor:
             rows = self._local_rows(mb)  # hidden: [1, S(/TP), d], this rank's rows
             engine.observe(p, mb_id, h=hidden[0].float(), logp=lp[rows].float(),
                            adv=mb.gather(adv_tokens)[rows].to(self.device).float(),
-                           mask=mb.response[rows].to(self.device))
+                           mask=mb.response[rows].to(self.device),
+                           token_ids=mb.target_index[rows])  # random controls: layout-invariant draws
 
         def loss_fn(mb: MicroBatch, hidden: torch.Tensor, p: int = 0):
             lp, ent = self._logprobs(mb, hidden, capture.entropy and p == 0)

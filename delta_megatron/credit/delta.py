@@ -32,6 +32,7 @@ from delta_megatron.credit.base import CreditInputs, CreditNeeds, CreditOutput
 from delta_megatron.credit.delta_stats import (
     Chunk,
     FlatStats,
+    hash_uniform,
     all_reduce,
     gamma_from_moments,
     group_size,
@@ -231,13 +232,14 @@ class DeltaEngine:
 
     def __init__(self, cfg: DeltaConfig, hidden_size: int, group: Any = None, *,
                  state: DeltaState | None = None, seed: int = 0,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, hash_seed: int | None = None):
         validate(cfg, "credit.delta")
         if hidden_size < 1:
             raise ValueError(f"DeltaEngine: hidden_size={hidden_size} must be >= 1")
         self.cfg, self.d, self.group = cfg, hidden_size, group
         self.state = state if state is not None else DeltaState()
         self._gen = torch.Generator().manual_seed(seed)
+        self._hash_seed = seed if hash_seed is None else hash_seed  # for draws keyed by token ids
         self._device = torch.device(device) if device is not None else None
         self._dtype: torch.dtype | None = None
         self._frozen = cfg.frozen_gamma and self.state.frozen_gamma is not None
@@ -281,9 +283,12 @@ class DeltaEngine:
 
     def observe(self, p: int, key: Hashable, *, adv: torch.Tensor, mask: torch.Tensor,
                 h: torch.Tensor | None = None, logp: torch.Tensor | None = None,
-                v: torch.Tensor | None = None) -> None:
+                v: torch.Tensor | None = None, token_ids: torch.Tensor | None = None) -> None:
         """Feed one chunk (micro-batch) of pass ``p``: either ``h`` [n, d] + ``logp`` [n] (output-row
-        proxy) or a ready proxy ``v`` [n, d]; ``adv`` [n] advantage per token, ``mask`` [n] bool."""
+        proxy) or a ready proxy ``v`` [n, d]; ``adv`` [n] advantage per token, ``mask`` [n] bool.
+        ``token_ids`` [n] (optional, int64): a global identity per token (e.g. its index in the rollout
+        batch); the random controls (``random_lambda``, ``random50``) then draw from a hash of it, so
+        their draws do not depend on the parallel layout or the observation order."""
         self._check_pass(p, "observe")
         if (v is None and (h is None or logp is None)) or (v is not None and (h is not None or logp is not None)):
             raise ValueError("DeltaEngine.observe: give h and logp, or v (not both)")
@@ -307,6 +312,8 @@ class DeltaEngine:
                 raise ValueError(f"DeltaEngine.observe: chunk {key!r} observed twice in pass 0")
             a = adv[mask].to(self._dtype)
             chunk = Chunk(mask=mask.clone(), side=torch.sign(a), w=a.abs())
+            if token_ids is not None:
+                chunk.ids = token_ids[mask].to(torch.int64)
             if self.cfg.mode == "cache" and len(self.stages) > 1:
                 cache_dtype = torch.bfloat16 if self.cfg.cache_dtype == "bfloat16" else self._dtype
                 chunk.v = vv.to(cache_dtype)
@@ -422,8 +429,7 @@ class DeltaEngine:
             return
         if stage == "random":
             lo, hi = self.cfg.lambda_range
-            u = torch.rand(v.shape[0], generator=self._gen, dtype=torch.float64)
-            u = u.to(device=v.device, dtype=self._dtype)
+            u = self._uniform(chunk, v.shape[0], salt=1).to(device=v.device, dtype=self._dtype)
             self._store_lambda(st, chunk, torch.where(pos | neg, lo + (hi - lo) * u, lo))
             return
         delta = self._own_margin(v, side)  # [nv]
@@ -457,8 +463,14 @@ class DeltaEngine:
             ext = torch.stack([lam.max(), -lam.min()]).double()
             self._extremes[:2] = torch.maximum(self._extremes[:2], ext)
         if self.cfg.selection == "random50":
-            chunk.sel_key = torch.rand(lam.shape[0], generator=self._gen,
-                                       dtype=torch.float64).to(lam.device)
+            chunk.sel_key = self._uniform(chunk, lam.shape[0], salt=2).to(lam.device)
+
+    def _uniform(self, chunk: Chunk, n: int, salt: int) -> torch.Tensor:
+        """U[0, 1) per valid token: hashed from token ids when given, else the engine's generator."""
+        ids = getattr(chunk, "ids", None)
+        if ids is None:
+            return torch.rand(n, generator=self._gen, dtype=torch.float64)
+        return hash_uniform(ids.cpu(), self._hash_seed * 4 + salt)
 
     def _end_stage(self) -> None:
         stage = self.stages[self._stage]
@@ -579,8 +591,9 @@ class DeltaCredit:
                device: torch.device | str | None = None) -> DeltaEngine:
         """A fresh engine for the next rollout batch, sharing this object's cross-batch state."""
         rank = dist.get_rank() if group_size(group) > 1 else 0
-        seed = (self.cfg.seed * 1_000_003 + self.state.batches) * 10_007 + rank
-        return DeltaEngine(self.cfg, hidden_size, group, state=self.state, seed=seed, device=device)
+        batch_seed = self.cfg.seed * 1_000_003 + self.state.batches
+        return DeltaEngine(self.cfg, hidden_size, group, state=self.state, seed=batch_seed * 10_007 + rank,
+                           device=device, hash_seed=batch_seed)
 
     def proxy(self, inputs: CreditInputs) -> torch.Tensor:
         """The token-gradient proxy v [tokens, d] for the configured ``proxy`` (§2)."""

@@ -80,6 +80,7 @@ class Chunk:
     v: torch.Tensor | None = None  # [nv, d] cache (cache mode)
     lam: torch.Tensor | None = None  # [nv] final λ (before normalisation)
     sel_key: torch.Tensor | None = None  # [nv] uniform keys (random50)
+    ids: torch.Tensor | None = None  # [nv] int64 global token ids (layout-invariant random draws)
     seen: int = 0  # last data pass that observed this chunk
 
 
@@ -232,3 +233,23 @@ def scope_group(scope: str, *, h_sequence_sharded: bool) -> Any:
         return ps.get_tensor_and_context_parallel_group() if h_sequence_sharded \
             else ps.get_context_parallel_group()
     raise ValueError(f"scope_group: scope={scope!r}, allowed: 'global', 'dp_shard'")
+
+
+_SPLITMIX = (-7046029254386353131, -4658895280553007687, -7723592293110705685)  # 0x9E37.., 0xBF58.., 0x94D0..
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def hash_uniform(ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """U[0, 1) float64 per id from the splitmix64 finaliser of (id, seed): a pure function of the
+    token's identity, so random controls agree across layouts (int64 products wrap, as intended)."""
+    offset = ((seed + 1) * 0x9E3779B97F4A7C15) % (1 << 64)
+    offset -= (1 << 64) if offset >= (1 << 63) else 0  # as a signed int64
+    x = ids.to(torch.int64) + offset
+    x = (x ^ _shr(x, 30)) * _SPLITMIX[1]
+    x = (x ^ _shr(x, 27)) * _SPLITMIX[2]
+    x = x ^ _shr(x, 31)
+    return _shr(x, 11).to(torch.float64) / float(1 << 53)

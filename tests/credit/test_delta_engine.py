@@ -226,3 +226,33 @@ def test_kth_largest_brute_force():
         kth_largest(pieces, 61, None)
     with pytest.raises(ValueError, match="non-negative"):
         kth_largest([-vals], 1, None)
+
+
+def test_random_controls_are_layout_invariant_with_token_ids():
+    """random_lambda and random50 draw from a hash of the token id: any chunking, any observation order
+    and any (rank) seed give the same coefficients; the draws are uniform."""
+    from delta_megatron.credit.delta import DeltaConfig, DeltaEngine
+    from delta_megatron.credit.delta_stats import hash_uniform
+
+    g = torch.Generator().manual_seed(5)
+    n, d = 200, 6
+    v = torch.randn(n, d, generator=g, dtype=torch.float64)
+    adv = torch.randn(40, generator=g, dtype=torch.float64).repeat_interleave(5)
+    mask = torch.rand(n, generator=g) > 0.1
+    ids = torch.arange(n) + 10_000
+    for cfg in (DeltaConfig(random_lambda=True), DeltaConfig(selection="random50")):
+        results = []
+        for order, seed in (([slice(0, n)], 0), ([slice(150, n), slice(0, 70), slice(70, 150)], 99)):
+            eng = DeltaEngine(cfg, d, seed=seed, hash_seed=7)
+            for p in eng.data_passes():
+                for i, sl in enumerate(order):
+                    eng.observe(p, i, adv=adv[sl], mask=mask[sl], v=v[sl], token_ids=ids[sl])
+                eng.end_pass(p)
+            out = torch.zeros(n, dtype=torch.float64)
+            for i, sl in enumerate(order):
+                out[sl] = eng.values(i).double()
+            results.append(out)
+        assert torch.equal(results[0], results[1])
+    u = hash_uniform(torch.arange(100_000), 3)
+    assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    assert not torch.equal(hash_uniform(torch.arange(10), 3), hash_uniform(torch.arange(10), 4))

@@ -32,10 +32,10 @@ from delta_megatron.credit.base import CreditInputs, CreditNeeds, CreditOutput
 from delta_megatron.credit.delta_stats import (
     Chunk,
     FlatStats,
-    hash_uniform,
     all_reduce,
     gamma_from_moments,
     group_size,
+    hash_uniform,
     kth_largest,
     margin,
     output_row_proxy,

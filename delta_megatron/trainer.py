@@ -155,19 +155,19 @@ class Trainer:
     # ------------------------------------------------------------------ metrics, eval, checkpoints
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         resp = batch.response_mask
+        owned = resp & (batch["logp_old"] != 0) if "logp_old" in batch else resp  # this rank's tokens
         stats = batch.sample_meta.get("verifier_stats", [{}])[0]
         out = {
             "rollout/reward_mean": float(batch["reward"].mean()),
             "rollout/acc_mean": float(batch["acc"].mean()),
             "rollout/response_len_mean": float(batch.response_lens.float().mean()),
             "rollout/truncated_frac": float(batch["truncated"].float().mean()),
-            "rollout/entropy_mean": float(batch["entropy"][resp].mean()) if "entropy" in batch else 0.0,
+            "rollout/entropy_mean": float(batch["entropy"][owned].mean()) if "entropy" in batch else 0.0,
             "rollout/num_samples": float(batch.num_seqs),
         }
         out.update({f"reward/{k}": v for k, v in stats.items()})
         if "logp_rollout" in batch and "logp_old" in batch:  # engine vs actor log-prob mismatch
-            local = resp & (batch["logp_old"] != 0)
-            diff = (batch["logp_rollout"][local] - batch["logp_old"][local]).abs()
+            diff = (batch["logp_rollout"][owned] - batch["logp_old"][owned]).abs()
             out["rollout/logp_abs_diff"] = float(diff.mean()) if diff.numel() else 0.0
         return out
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from delta_megatron.batch import RolloutBatch
 from delta_megatron.config import Config
 from delta_megatron.data.datasets import Example, PromptDataset, load_dataset
-from delta_megatron.data.synthetic import ArithmeticConfig, ArithmeticTask, synthetic_dataset
+from delta_megatron.data.synthetic import ArithmeticConfig, ArithmeticTask, spec_variant, synthetic_dataset
 from delta_megatron.data.templates import BOXED_INSTRUCTION, encode_prompt, render_prompt
 from delta_megatron.rollout.engine import GenerateRequest, Sample, SamplingParams
 
@@ -27,9 +27,7 @@ def is_synthetic(cfg: Config) -> bool:
 
 
 def arithmetic_task(cfg: Config) -> ArithmeticTask:
-    variant = {"synthetic:arith": "plain"}.get(cfg.data.train.split("@")[0],
-                                               cfg.data.train.split("-")[-1].split("@")[0])
-    return ArithmeticTask(ArithmeticConfig(digits=cfg.data.synthetic_digits, variant=variant,
+    return ArithmeticTask(ArithmeticConfig(digits=cfg.data.synthetic_digits, variant=spec_variant(cfg.data.train),
                                            size=cfg.data.synthetic_size, seed=cfg.data.shuffle_seed))
 
 

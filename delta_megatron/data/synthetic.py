@@ -23,7 +23,7 @@ from typing import Literal
 from delta_megatron.data.datasets import Example, PromptDataset
 from delta_megatron.utils.configs import fail, validate
 
-__all__ = ["ArithmeticConfig", "ArithmeticTask", "synthetic_dataset", "VOCAB", "PAD", "BOS", "EOS",
+__all__ = ["ArithmeticConfig", "ArithmeticTask", "synthetic_dataset", "spec_variant", "VOCAB", "PAD", "BOS", "EOS",
            "SPECIAL_TOKENS", "CHARS"]
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -142,14 +142,21 @@ class ArithmeticTask:
         return PromptDataset(name, self.rl_examples(n, split=split))
 
 
-def synthetic_dataset(spec: str, cfg: ArithmeticConfig | None = None) -> PromptDataset:
-    """The dataset for ``synthetic:arith[-plain|-reversed|-scratchpad][@eval]``; the variant in the spec
-    overrides ``cfg.variant``, ``@eval`` selects the held-out prompt stream."""
+def spec_variant(spec: str) -> Variant:
+    """The completion variant named by ``synthetic:arith[-plain|-reversed|-scratchpad][@split]``."""
     base, _, split = spec.partition("@")
     if base not in _SPEC_VARIANTS or split not in ("", "train", "eval"):
         raise ValueError(f"unknown synthetic dataset {spec!r}; known: "
                          f"{sorted(_SPEC_VARIANTS)} (optionally with @eval)")
+    return _SPEC_VARIANTS[base]
+
+
+def synthetic_dataset(spec: str, cfg: ArithmeticConfig | None = None) -> PromptDataset:
+    """The dataset for ``synthetic:arith[-plain|-reversed|-scratchpad][@eval]``; the variant in the spec
+    overrides ``cfg.variant``, ``@eval`` selects the held-out prompt stream."""
+    variant = spec_variant(spec)
+    base, _, split = spec.partition("@")
     cfg = cfg or ArithmeticConfig()
     if base != "synthetic:arith":
-        cfg = ArithmeticConfig(digits=cfg.digits, variant=_SPEC_VARIANTS[base], size=cfg.size, seed=cfg.seed)
+        cfg = ArithmeticConfig(digits=cfg.digits, variant=variant, size=cfg.size, seed=cfg.seed)
     return ArithmeticTask(cfg).dataset(split="eval" if split == "eval" else "train")

@@ -142,7 +142,7 @@ class Trainer:
         if self.rank0 or not dist.is_initialized():
             rewards, stats = self.reward.score(list(zip(batch.sample_meta["response_text"],
                                                         batch.sample_meta["answer"])))
-            payload = (rewards, {k: float(v) for k, v in vars(stats).items() if isinstance(v, (int, float))})
+            payload = (rewards, stats.as_metrics("reward/"))
         else:
             payload = None
         rewards, stats = C.broadcast_object(payload)
@@ -165,7 +165,7 @@ class Trainer:
             "rollout/entropy_mean": float(batch["entropy"][owned].mean()) if "entropy" in batch else 0.0,
             "rollout/num_samples": float(batch.num_seqs),
         }
-        out.update({f"reward/{k}": v for k, v in stats.items()})
+        out.update(stats)  # verifier counters and rates, already "reward/…"
         if "logp_rollout" in batch and "logp_old" in batch:  # engine vs actor log-prob mismatch
             diff = (batch["logp_rollout"][owned] - batch["logp_old"][owned]).abs()
             out["rollout/logp_abs_diff"] = float(diff.mean()) if diff.numel() else 0.0

@@ -20,6 +20,7 @@ from delta_megatron.algo.overlong import overlong_penalty
 from delta_megatron.batch import RolloutBatch
 from delta_megatron.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from delta_megatron.config import Config, dump_yaml, to_dict
+from delta_megatron.credit.counterfactual import tokenizer_decoder
 from delta_megatron.credit.pipeline import CreditPipeline
 from delta_megatron.data.sampler import PromptStream
 from delta_megatron.logging import MetricsLogger, progress
@@ -42,7 +43,8 @@ class Trainer:
         self.reward = C.build_reward(cfg) if self.rank0 else None  # scoring happens on rank 0
         self.engine = C.build_engine(cfg, self.tokenizer) if self.rank0 else None
         self.actor = MegatronActor(cfg, self.groups)
-        self.credit = CreditPipeline(cfg.credit, decode=self._decode_tokens)
+        self.decode_tokens = tokenizer_decoder(self.tokenizer)  # per-token strings
+        self.credit = CreditPipeline(cfg.credit, decode=self.decode_tokens)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep)
         self.start_step = self._maybe_resume()
         self.log = MetricsLogger(self.out, cfg.logging.jsonl, cfg.logging.tensorboard,
@@ -188,7 +190,7 @@ class Trainer:
             tok = batch.token_indices([i])[resp[batch.token_indices([i])]]
             rows.append({"step": step, "sample": i, "advantage": float(batch["advantage"][i]),
                          "reward": float(batch["reward"][i]),
-                         "tokens": [self.tokenizer.decode([t]) for t in batch.tokens[tok].tolist()],
+                         "tokens": self.decode_tokens(batch.tokens[tok].tolist()),
                          "credit": None if weights is None else weights[tok].tolist()})
         record = {"step": step, "samples": rows}
         if weights is not None:
@@ -256,9 +258,6 @@ class Trainer:
         self.credit.load_state_dict(state["credit"])
         set_rng_state(state["rng"])
         return int(state["step"])
-
-    def _decode_tokens(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.decode([i]) for i in ids]
 
     def close(self) -> None:
         self.preemption.uninstall()

@@ -287,26 +287,25 @@ class MegatronActor:
         plan = plan or LossPlan()
         for chunk in self.model:
             chunk.train()
+        response = batch.loss_mask  # [T] response tokens (the normaliser's token count)
+        loss_mask = response & batch[plan.mask_field].bool() if plan.mask_field else response
+        resp_lens = torch.zeros(batch.num_seqs).index_add_(0, batch.seq_index, loss_mask.float())  # [B]
         totals: dict[str, float] = {}
         steps = 0
         for _ in range(self.cfg.train.ppo_epochs):
             for mini, local in zip(self.minibatch_plan(batch), self.local_shards(batch)):
-                stats = self._train_minibatch(batch, mini, local, plan)
+                stats = self._train_minibatch(batch, mini, local, plan, response, loss_mask, resp_lens)
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
                 steps += 1
         return {k: v / max(steps, 1) for k, v in totals.items()}
 
-    def _train_minibatch(self, batch: RolloutBatch, mini: list[int], local: list[int],
-                         plan: LossPlan) -> dict[str, float]:
+    def _train_minibatch(self, batch: RolloutBatch, mini: list[int], local: list[int], plan: LossPlan,
+                         response: torch.Tensor, loss_mask: torch.Tensor,
+                         resp_lens: torch.Tensor) -> dict[str, float]:
         mbs = self._microbatches(batch, local, self.cfg.train.max_tokens_per_gpu_train)
-        loss_mask = batch.loss_mask.clone()
-        if plan.mask_field is not None:
-            loss_mask &= batch[plan.mask_field].bool()
         normalizer = self._normalizer(batch, mini, mbs, loss_mask, plan)
-        total_resp = float(batch.loss_mask[batch.token_indices(mini)].sum())
-        resp_lens = torch.zeros(batch.num_seqs)
-        resp_lens.index_add_(0, batch.seq_index, loss_mask.float())
+        total_resp = float(response[batch.token_indices(mini)].sum())
         if plan.objective == "sft":  # no old policy: zeros keep the shared code path simple
             fields = {"logp_old": torch.zeros(batch.num_tokens), plan.advantage_field: torch.zeros(batch.num_tokens)}
         else:

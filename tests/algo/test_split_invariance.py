@@ -2,6 +2,7 @@
 gradients of any micro-batch split when the global normaliser is supplied (1e-6)."""
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -19,7 +20,10 @@ def random_batch(seed, num_seqs=7):
     seq = torch.repeat_interleave(torch.arange(num_seqs), lengths)
     n = seq.numel()
     logp_old = -torch.rand(n, generator=g, dtype=torch.float64) * 3
-    logp = logp_old + torch.randn(n, generator=g, dtype=torch.float64) * 0.4
+    # Per-sequence noise: even sequences stay near on-policy (inside GSPO's 3e-4 sequence clip band),
+    # odd ones are far off-policy, so both the clipped and the unclipped branches are exercised.
+    scale = torch.where(torch.arange(num_seqs) % 2 == 0, 1e-5, 0.4).to(torch.float64)[seq]
+    logp = logp_old + torch.randn(n, generator=g, dtype=torch.float64) * scale
     adv = torch.randn(num_seqs, generator=g, dtype=torch.float64)[seq]
     mask = torch.rand(n, generator=g) > 0.15  # some masked tokens inside responses
     weight = 0.8 + 0.4 * torch.rand(n, generator=g, dtype=torch.float64)
@@ -50,7 +54,7 @@ def lengths_of(mask, seq, part):
 @pytest.mark.parametrize("loss_name,agg", list(itertools.product(LOSSES, AGGS)))
 def test_gradient_independent_of_split(loss_name, agg):
     cfg = apply_overrides(AlgoConfig(), [f"loss.name={loss_name}", f"aggregation={agg}", "loss_const=32"])
-    seq, lengths, logp_old, logp, adv, mask, weight = random_batch(hash((loss_name, agg)) % 1000)
+    seq, lengths, logp_old, logp, adv, mask, weight = random_batch(zlib.crc32(f"{loss_name}/{agg}".encode()) % 1000)
     norm = normalizer_from_batch(mask, seq, loss_const=32.0)
     ids = list(range(7))
     whole = loss_and_grad(cfg, seq, lengths, logp_old, logp, adv, mask, weight, [ids], norm)

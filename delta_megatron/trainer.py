@@ -51,6 +51,7 @@ class Trainer:
                                  cfg.logging.wandb_project, config=to_dict(cfg), resume_step=self.start_step)
         self.preemption = Preemption().install()
         self.preempted = False
+        self.rollout_stats: dict[str, float] = {}  # dynamic-sampling counters of the last rollout
         C.sync_weights(self.actor, self.engine)  # the engine starts from the actor's weights
 
     # ------------------------------------------------------------------ the loop
@@ -78,7 +79,7 @@ class Trainer:
         plan, credit_metrics = self.credit.assign(batch, score_fn=self.actor.score_sequences)
         train_metrics = self.actor.train(batch, plan)
         C.sync_weights(self.actor, self.engine)
-        metrics = {**self.batch_metrics(batch), **delta_metrics, **credit_metrics, **train_metrics,
+        metrics = {**self.batch_metrics(batch), **self.rollout_stats, **delta_metrics, **credit_metrics, **train_metrics,
                    "time/step_s": time.perf_counter() - t0}
         metrics.update(self.maybe_eval(step))
         logged = self.log.log(step, metrics)
@@ -88,20 +89,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
     def rollout(self, step: int) -> RolloutBatch:
-        """Sample ``n`` responses per prompt on rank 0 (dynamic sampling: until enough groups carry
-        signal), then give every rank the same batch."""
-        batch = None
+        """Sample ``n`` responses per prompt on rank 0, then give every rank the same batch. Dynamic
+        sampling (DAPO): each round draws ``gen_batch_multiplier × prompts_per_step`` prompts and keeps
+        the groups whose correctness varies, until ``prompts_per_step`` of them are collected; the
+        surplus of the last round is dropped (the data cursor has moved past it, as in DAPO)."""
+        batch, stats = None, {}
         if self.rank0:
-            ds = self.cfg.algo.dynamic_sampling
+            ds, want = self.cfg.algo.dynamic_sampling, self.cfg.train.prompts_per_step
+            per_round = want * ds.gen_batch_multiplier if ds.enabled else want
             kept: list[RolloutBatch] = []
-            groups_kept, round_ = 0, 0
-            while groups_kept < self.cfg.train.prompts_per_step:
-                examples = self.prompts.next()
-                first = round_ * len(examples)
+            groups_kept, generated, round_ = 0, 0, 0
+            while groups_kept < want:
+                examples = self.prompts.next(per_round)
+                first = round_ * per_round
                 requests = C.requests_for(self.cfg, self.tokenizer, examples, step, first)
                 samples = self.engine.generate(requests)
                 part = C.samples_to_batch(samples, {first + i: ex for i, ex in enumerate(examples)},
                                           self.tokenizer)
+                generated += len(examples)
+                round_ += 1
                 if not ds.enabled:
                     kept.append(part)
                     break
@@ -109,15 +115,20 @@ class Trainer:
                 keep = keep_groups(part["acc"], part["group_id"])
                 kept.append(part.select(keep.nonzero().flatten().tolist()))
                 groups_kept += int(torch.unique(part["group_id"][keep]).numel())
-                round_ += 1
-                if 0 < ds.max_gen_batches <= round_ and groups_kept < self.cfg.train.prompts_per_step:
-                    raise RuntimeError(f"dynamic sampling: only {groups_kept} informative groups after "
-                                       f"{round_} rounds (algo.dynamic_sampling.max_gen_batches)")
+                if 0 < ds.max_gen_batches <= round_ and groups_kept < want:
+                    raise RuntimeError(
+                        f"dynamic sampling: only {groups_kept} of {want} prompt groups had varying "
+                        f"correctness after {round_} rounds of {per_round} prompts; raise "
+                        "algo.dynamic_sampling.max_gen_batches or gen_batch_multiplier, or use easier data")
             batch = RolloutBatch.concat(kept)
-            if ds.enabled:  # exactly prompts_per_step groups
-                ids = torch.unique(batch["group_id"])[: self.cfg.train.prompts_per_step]
+            if ds.enabled:  # exactly prompts_per_step groups, in generation order
+                ids = torch.unique(batch["group_id"])[:want]
                 batch = batch.select(torch.isin(batch["group_id"], ids).nonzero().flatten().tolist())
-        return C.broadcast_object(batch)
+                stats = {"rollout/gen_rounds": float(round_), "rollout/prompts_generated": float(generated),
+                         "rollout/informative_group_frac": groups_kept / generated}
+        batch, stats = C.broadcast_object((batch, stats))
+        self.rollout_stats = stats
+        return batch
 
     def score(self, batch: RolloutBatch) -> RolloutBatch:
         """Verifier reward (+ DAPO overlong shaping)."""

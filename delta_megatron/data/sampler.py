@@ -91,8 +91,9 @@ class PromptStream(Generic[T]):
         self.dataset, self.batch_size = dataset, batch_size
         self.sampler = EpochSampler(len(dataset), seed, shuffle)
 
-    def next(self) -> list[T]:
-        return [self.dataset[i] for i in self.sampler.next(self.batch_size)]
+    def next(self, n: int | None = None) -> list[T]:
+        """The next ``n`` items (default ``batch_size``; dynamic sampling draws a multiple)."""
+        return [self.dataset[i] for i in self.sampler.next(self.batch_size if n is None else n)]
 
     @property
     def epoch(self) -> int:

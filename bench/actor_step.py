@@ -95,6 +95,36 @@ def gemm_tflops(dtype: torch.dtype, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
+class EngineTimer:
+    """Wall time spent inside the DelTA engine (observe, end_pass, values): DelTA's own cost,
+    attributed directly instead of read off the difference of two noisy step times."""
+
+    METHODS = ("observe", "end_pass", "values")
+
+    def __init__(self):
+        from delta_megatron.credit.delta import DeltaEngine
+
+        self.seconds = 0.0
+        self._cls, self._orig = DeltaEngine, {m: getattr(DeltaEngine, m) for m in self.METHODS}
+        for m, fn in self._orig.items():
+            setattr(DeltaEngine, m, self._timed(fn))
+
+    def _timed(self, fn):
+        def wrapper(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                self.seconds += time.perf_counter() - t0
+        return wrapper
+
+    def take(self) -> float:
+        s, self.seconds = self.seconds, 0.0
+        return s
+
+
 def step(actor, batch, delta: bool) -> tuple[float, float, float, float]:
     """One actor RL step; (wall, CPU) seconds of the log-prob pass and of the train step."""
     from delta_megatron.actor.megatron_actor import Capture, LossPlan
@@ -129,16 +159,24 @@ def bench_model(name: str, args) -> dict:
         batch = make_batch(cfg, prompts, samples, plen, rlen)
         n_params = matmul_params(actor)
         times = {v: [] for v in ("dapo", "delta")}
+        engine_s, paired = [], []
+        timer = EngineTimer()
         for r in range(args.warmup + args.repeats):
             for variant in ("dapo", "delta"):  # round-robin: machine drift hits both alike
                 t = step(actor, batch, variant == "delta")
                 if r >= args.warmup:
                     times[variant].append(t)
+            if r >= args.warmup:
+                engine_s.append(timer.take())
+                dapo, delta = times["dapo"][-1], times["delta"][-1]
+                paired.append((delta[0] + delta[2]) / (dapo[0] + dapo[2]))
+            timer.take()
     finally:
         destroy()
     med = {v: [statistics.median(x[i] for x in ts) for i in range(4)] for v, ts in times.items()}
     return dict(name=name, tokens=batch.num_tokens, seqs=batch.num_seqs, params=n_params,
-                dtype=cfg.model.params_dtype, med=med)
+                dtype=cfg.model.params_dtype, med=med, engine_s=statistics.median(engine_s),
+                paired=statistics.median(paired))
 
 
 def report(res: dict, peak: float, peak_note: str) -> None:
@@ -159,7 +197,12 @@ def report(res: dict, peak: float, peak_note: str) -> None:
     ratio_wall = (delta[0] + delta[2]) / (dapo[0] + dapo[2])
     ratio_cpu = (delta[1] + delta[3]) / (dapo[1] + dapo[3])
     print(f"\nDelTA step / DAPO step: {ratio_wall:.3f} (wall), {ratio_cpu:.3f} (CPU); "
-          f"log-prob pass alone: {delta[0] / dapo[0]:.3f} (wall), {delta[1] / dapo[1]:.3f} (CPU)")
+          f"log-prob pass alone: {delta[0] / dapo[0]:.3f} (wall), {delta[1] / dapo[1]:.3f} (CPU); "
+          f"median of per-repeat paired ratios: {res['paired']:.3f}")
+    dapo_step = dapo[0] + dapo[2]
+    print(f"DelTA engine (observe + end_pass + values), timed directly: {res['engine_s'] * 1e3:.1f} ms "
+          f"per step = {res['engine_s'] / dapo_step:.2%} of the DAPO RL step -> attributed ratio "
+          f"{1 + res['engine_s'] / dapo_step:.4f}")
 
 
 def main() -> None:

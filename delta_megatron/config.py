@@ -262,6 +262,9 @@ class Config:
         if self.parallel.vpp and self.model.num_layers % (self.parallel.pp * self.parallel.vpp):
             fail("parallel.vpp", self.parallel.vpp,
                  f"pp*vpp must divide model.num_layers={self.model.num_layers}")
+        delta = self.credit.delta
+        if delta.proxy == "topk_hidden" and delta.topk_k > self.model.vocab_size:
+            fail("credit.delta.topk_k", delta.topk_k, f"must be <= model.vocab_size={self.model.vocab_size}")
         if self.algo.kl.estimator != "none":
             fail("algo.kl.estimator", self.algo.kl.estimator,
                  "a KL loss needs reference log-probs, which the Megatron actor does not compute yet; "

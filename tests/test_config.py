@@ -49,3 +49,10 @@ def test_cp_and_fp8_without_te_rejected():
 
 def test_default_config_is_the_dataclass_default():
     assert load_config() == Config()
+
+
+def test_topk_proxy_k_beyond_the_vocab_rejected():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["model.vocab_size=8", "credit.delta.proxy=topk_hidden", "credit.delta.topk_k=16"])
+    assert "credit.delta.topk_k: 16 — must be <= model.vocab_size=8" in str(err.value)
+    load_config(overrides=["model.vocab_size=8", "credit.delta.proxy=topk_hidden", "credit.delta.topk_k=8"])

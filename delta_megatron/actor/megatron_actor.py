@@ -12,6 +12,8 @@ DelTA. The last pipeline stage reads ``h`` (the LM-head input) and ``log p(y_t)`
 from the same chunked vocab-parallel kernel that produces ``logp_old`` and feeds a DeltaEngine whose
 statistics are summed over DP×CP (×TP when ``h`` is the sequence-parallel shard). ``cache`` mode needs
 no extra forward; ``moments`` / ``recompute`` re-run forward-only passes until the engine finishes.
+The top-K hidden-gradient proxy (ablation, §2.2 / §9.5) takes the global top-K from the same kernel
+and forms v̂ from each rank's vocab rows, summed over TP.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from delta_megatron.algo import PolicyLossInputs, policy_loss
 from delta_megatron.algo.aggregation import LossNormalizer
 from delta_megatron.batch import RolloutBatch, balanced_partition
 from delta_megatron.config import Config
-from delta_megatron.credit.delta import scope_group
+from delta_megatron.credit.delta import scope_group, topk_hidden_proxy
 from delta_megatron.models.gpt import (
     build_model_chunks,
     output_weight,
@@ -138,16 +140,31 @@ class MegatronActor:
                   num_microbatches=len(mbs), seq_length=max(mb.seq_len for mb in mbs),
                   micro_batch_size=1, forward_only=forward_only)
 
-    def _logprobs(self, mb: MicroBatch, hidden: torch.Tensor, with_entropy: bool):
-        """Chunked vocab-parallel log p(y_t) (and H_t) of the row's targets: ``[S]`` each."""
+    def _lm_head(self, mb: MicroBatch, hidden: torch.Tensor, with_entropy: bool, top_k: int = 0):
+        """Chunked vocab-parallel log p(y_t) (and H_t, the global top-K) of the row's targets."""
         last = unwrap(self.model[-1])
-        out = chunked_logprob_from_hidden(
+        return chunked_logprob_from_hidden(
             hidden.transpose(0, 1), output_weight(last), mb.targets.view(-1, 1).to(self.device),
             self.groups.tp, self.cfg.train.logprob_chunk_tokens,
             temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
-            sequence_parallel=self.sp, with_entropy=with_entropy)
+            sequence_parallel=self.sp, with_entropy=with_entropy, top_k=top_k)
+
+    def _logprobs(self, mb: MicroBatch, hidden: torch.Tensor, with_entropy: bool):
+        """log p(y_t) and H_t (or None): ``[S]`` each."""
+        out = self._lm_head(mb, hidden, with_entropy)
         ent = out.entropy.view(-1) if out.entropy is not None else None
         return out.logp.view(-1), ent
+
+    def _topk_proxy(self, mb: MicroBatch, out) -> torch.Tensor:
+        """DelTA's top-K hidden-gradient proxy v̂ [S, d] for all rows of ``mb`` (§9.5): each TP rank
+        adds the terms of the vocab rows it owns, one all-reduce of the d-vectors over TP."""
+        weight = output_weight(unwrap(self.model[-1]))  # [V/TP, d] shard
+        k = out.topk_ids.shape[-1]
+        v = topk_hidden_proxy(weight, mb.targets.view(-1).to(self.device), out.topk_ids.reshape(-1, k),
+                              out.topk_logits.reshape(-1, k), vocab_start=self.groups.tp_rank * weight.shape[0])
+        if self.groups.tp_size > 1:
+            dist.all_reduce(v, group=self.groups.tp)
+        return v
 
     def _local_rows(self, mb: MicroBatch) -> slice:
         """Rows of ``h`` this rank holds: its sequence-parallel shard, or all of them."""
@@ -171,30 +188,35 @@ class MegatronActor:
         logp = torch.zeros(batch.num_tokens)
         entropy = torch.zeros(batch.num_tokens) if capture.entropy else None
         engine = None
+        top_k = 0
         if capture.delta is not None and self.groups.is_last_stage:
-            if capture.delta.cfg.proxy != "output_row":
-                raise NotImplementedError("credit.delta.proxy: 'topk_hidden' runs in the single-process "
-                                          "credit library only; the actor supports 'output_row'")
+            if capture.delta.cfg.proxy == "topk_hidden":
+                top_k = capture.delta.cfg.topk_k
             group = scope_group(capture.delta.cfg.scope, h_sequence_sharded=self.sp)
             engine = capture.delta.engine(self.cfg.model.hidden_size, group, device=self.device)
         adv_tokens = batch["advantage_tokens"] if engine is not None else None
 
-        def observe(p: int, mb_id: int, mb: MicroBatch, hidden: torch.Tensor, lp: torch.Tensor) -> None:
+        def observe(p: int, mb_id: int, mb: MicroBatch, hidden: torch.Tensor, out) -> None:
             rows = self._local_rows(mb)  # hidden: [1, S(/TP), d], this rank's rows
-            engine.observe(p, mb_id, h=hidden[0].float(), logp=lp[rows].float(),
-                           adv=mb.gather(adv_tokens)[rows].to(self.device).float(),
-                           mask=mb.response[rows].to(self.device),
-                           token_ids=mb.target_index[rows])  # random controls: layout-invariant draws
+            common = dict(adv=mb.gather(adv_tokens)[rows].to(self.device).float(),
+                          mask=mb.response[rows].to(self.device),
+                          token_ids=mb.target_index[rows])  # random controls: layout-invariant draws
+            if top_k:
+                engine.observe(p, mb_id, v=self._topk_proxy(mb, out)[rows].float(), **common)
+            else:
+                engine.observe(p, mb_id, h=hidden[0].float(), logp=out.logp.view(-1)[rows].float(), **common)
 
         def loss_fn(mb: MicroBatch, hidden: torch.Tensor, p: int = 0):
-            lp, ent = self._logprobs(mb, hidden, capture.entropy and p == 0)
+            out = self._lm_head(mb, hidden, capture.entropy and p == 0, top_k=top_k)
+            lp = out.logp.view(-1)
+            ent = out.entropy.view(-1) if out.entropy is not None else None
             if p == 0:
                 valid = mb.target_index >= 0
                 logp[mb.target_index[valid]] = lp.cpu()[valid]
                 if entropy is not None:
                     entropy[mb.target_index[valid]] = ent.cpu()[valid]
             if engine is not None:
-                observe(p, mb_ids[id(mb)], mb, hidden, lp)
+                observe(p, mb_ids[id(mb)], mb, hidden, out)
             return torch.zeros((), device=self.device), torch.tensor(0, dtype=torch.int), {}
 
         mb_ids = {id(mb): i for i, mb in enumerate(mbs)}

@@ -196,17 +196,31 @@ def topk_logits_from_hidden(h: torch.Tensor, weight: torch.Tensor, k: int, tempe
 
 
 def topk_hidden_proxy(weight: torch.Tensor, token_ids: torch.Tensor, topk_ids: torch.Tensor,
-                      topk_logits: torch.Tensor) -> torch.Tensor:
+                      topk_logits: torch.Tensor, vocab_start: int = 0) -> torch.Tensor:
     """``v̂ = W_y − Σ_{j∈top-K} p̃(j) W_j``, p̃ = softmax over the top-K logits (§2.2, App. F).
 
     A top-K approximation of ∇_h log p(y). weight [V, d], token_ids [n], topk_ids / topk_logits
-    [n, K] -> [n, d]. Under vocab-parallel TP each rank sums the terms of the rows it owns
-    (``1[y∈V_r] W_y − Σ_{j∈K∩V_r} p̃_j W_j``) and the d-vectors are all-reduced over TP (§9.5).
+    [n, K] -> [n, d]. Under vocab-parallel TP ``weight`` is this rank's shard of rows
+    ``[vocab_start, vocab_start + rows)``: the result is the rank's partial
+    ``1[y∈V_r] W_y − Σ_{j∈K∩V_r} p̃_j W_j`` and the sum over TP ranks is v̂ (§9.5). Ids outside the
+    shard (and ``token_ids`` < 0) contribute nothing. One [n, d] gather per top-K column: never [n, K, d].
     """
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.to(dtype)
-    probs = torch.softmax(topk_logits.to(dtype), dim=-1)  # [n, K]
-    return w[token_ids] - torch.einsum("nk,nkd->nd", probs, w[topk_ids])
+    rows = weight.shape[0]
+
+    def local(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = ids.to(weight.device) - vocab_start
+        inside = (loc >= 0) & (loc < rows)
+        return loc.clamp(0, max(rows - 1, 0)), inside
+
+    y, y_in = local(token_ids)
+    out = weight[y].to(dtype) * y_in.unsqueeze(-1).to(dtype)
+    probs = torch.softmax(topk_logits.to(device=weight.device, dtype=dtype), dim=-1)  # [n, K]
+    k_loc, k_in = local(topk_ids)
+    probs = probs * k_in.to(dtype)
+    for k in range(probs.shape[1]):
+        out.sub_(probs[:, k:k + 1] * weight[k_loc[:, k]].to(dtype))
+    return out
 
 
 def margin(v: torch.Tensor, mu_pos: torch.Tensor, mu_neg: torch.Tensor) -> torch.Tensor:

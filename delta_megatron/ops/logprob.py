@@ -100,16 +100,19 @@ def _chunk_forward(z: torch.Tensor, targets: torch.Tensor, geo: _Geometry, top_k
         kw = dict(dtype=z.dtype, device=z.device)
         neg, zero = torch.full((c,), float("-inf"), **kw), torch.zeros(c, **kw)
         tk = (torch.full((c, top_k), float("-inf"), **kw),
-              torch.zeros(c, top_k, dtype=torch.long, device=z.device)) if top_k else None
+              torch.full((c, top_k), -1, dtype=torch.long, device=z.device)) if top_k else None
         return neg, zero, zero, zero, torch.zeros(c, dtype=torch.bool, device=z.device), tk
     m = z.max(dim=-1).values  # [c]
     z.sub_(m.unsqueeze(1))  # z − m
     tk = None
     if top_k:
-        if top_k > z.shape[1]:
-            raise ValueError(f"top_k={top_k} exceeds the local vocab shard ({z.shape[1]} columns)")
-        vals, idx = torch.topk(z, top_k, dim=-1)
-        tk = (vals + m.unsqueeze(1), idx + geo.start)
+        vals, idx = torch.topk(z, min(top_k, z.shape[1]), dim=-1)
+        vals, idx = vals + m.unsqueeze(1), idx + geo.start
+        if vals.shape[1] < top_k:  # a shard with fewer real columns than K: pad with (−inf, −1)
+            pad = top_k - vals.shape[1]
+            vals = torch.cat([vals, vals.new_full((c, pad), float("-inf"))], dim=1)
+            idx = torch.cat([idx, idx.new_full((c, pad), -1)], dim=1)
+        tk = (vals, idx)
     col, owned = _local_targets(targets, geo)
     zy = torch.where(owned, z.gather(1, col.unsqueeze(1)).squeeze(1), torch.zeros_like(m))
     e = ws.exp(z)  # [c, n_real]

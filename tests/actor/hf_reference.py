@@ -73,6 +73,19 @@ def delta_lambda(ref: TokenRef, batch: RolloutBatch, cfg: DeltaConfig) -> torch.
     return lam.float()
 
 
+def delta_lambda_topk(model, ref: TokenRef, batch: RolloutBatch, cfg: DeltaConfig,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """λ̄ [T] of the literal DelTA on the top-K hidden-gradient proxy v̂ (§2.2): global top-K of
+    ``lm_head(h) / T`` per token, v̂ = W_y − Σ_K softmax(top-K) W_j, from HF's own LM head."""
+    weight = model.lm_head.weight.detach().double()  # [V, d]
+    logits = ref.hidden.double() @ weight.T / temperature  # [T, V]
+    top = logits.topk(cfg.topk_k, dim=-1)
+    probs = torch.softmax(top.values, dim=-1)  # [T, K]
+    v = weight[batch.tokens] - torch.einsum("tk,tkd->td", probs, weight[top.indices])  # y_t = tokens[t]
+    lam = delta_reference(v.float(), batch["advantage_tokens"], batch.loss_mask, cfg)
+    return lam.float()
+
+
 def minibatch_plan(batch: RolloutBatch, mini_batches: int) -> list[list[int]]:
     """Mini-batches as contiguous runs of prompt groups (groups are contiguous in the test batch)."""
     groups = batch["group_id"].tolist()

@@ -123,6 +123,18 @@ def test_delta_lambda_equals_reference(actor, ref, mode):
     assert metrics["credit/delta/n_zero"] == float((adv == 0).sum())
 
 
+@pytest.mark.parametrize("mode", ["cache", "recompute"])
+def test_delta_topk_hidden_proxy_equals_reference(actor, ref, mode):
+    """The §2.2 ablation proxy built inside the output layer (global top-K from the log-prob kernel)
+    gives the λ̄ of the literal DelTA on v̂ from HF's LM head."""
+    cfg = DeltaConfig(mode=mode, proxy="topk_hidden", topk_k=8)
+    batch = make_batch()
+    actor.old_logprobs(batch, Capture(delta=DeltaCredit(cfg)))
+    want = ref_lib.delta_lambda_topk(ref.model, ref.tokens, batch, cfg)
+    torch.testing.assert_close(batch["credit_delta"], want, **TOL)
+    assert (want - ref.lam)[batch.loss_mask].abs().max() > 1e-2  # not the default proxy's λ̄
+
+
 def test_score_sequences_equal_hf_sums(actor, ref):
     seqs, masks = score_inputs(ref.batch)
     got = actor.score_sequences(seqs, masks)

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from delta_megatron.credit.delta import DeltaConfig
 from tests.actor import hf_reference as ref_lib
-from tests.dist.actor_worker import load_hf, make_batch, make_config, score_inputs, write_hf_checkpoint
+from tests.dist.actor_worker import TOPK, load_hf, make_batch, make_config, score_inputs, write_hf_checkpoint
 from tests.dist.mg_common import torchrun
 
 pytestmark = pytest.mark.dist
@@ -56,8 +57,9 @@ def hf_ref(hf_dir):
     batch = make_batch()
     tokens = ref_lib.token_stats(model, batch)
     lam = ref_lib.delta_lambda(tokens, batch, cfg.credit.delta)
+    lam_topk = ref_lib.delta_lambda_topk(model, tokens, batch, DeltaConfig(proxy="topk_hidden", topk_k=TOPK))
     train = ref_lib.train_step(model, batch, tokens.logp, lam, cfg)
-    return dict(tokens=tokens, lam=lam, train=train, after=ref_lib.token_stats(train.model, batch),
+    return dict(tokens=tokens, lam=lam, lam_topk=lam_topk, train=train, after=ref_lib.token_stats(train.model, batch),
                 score=ref_lib.score_sums(model, *score_inputs(batch)))
 
 
@@ -112,6 +114,12 @@ def check_layout(ranks: list[dict], single: list[dict], hf_ref: dict) -> None:
                 assert m[f"credit/delta/{key}"] == m1[f"credit/delta/{key}"], (mode, key)
             assert m["credit/delta/lambda_bar_std"] == pytest.approx(
                 m1["credit/delta/lambda_bar_std"], abs=1e-5)
+        topk, topk1 = res["topk"]["credit"], one["topk"]["credit"]  # the §9.5 top-K proxy, cache mode
+        torch.testing.assert_close(topk[own], hf_ref["lam_topk"][own], **TOL)
+        torch.testing.assert_close(topk[own], topk1[own], **TOL)
+        assert (topk[other] == 0).all()
+        assert res["topk"]["metrics"]["credit/delta/lambda_bar_std"] == pytest.approx(
+            one["topk"]["metrics"]["credit/delta/lambda_bar_std"], abs=1e-5)
         torch.testing.assert_close(res["score"], hf_ref["score"], atol=1e-4, rtol=0)
         minis, want = res["train_minibatches"], hf_ref["train"]
         assert len(minis) == 2

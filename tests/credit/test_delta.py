@@ -185,6 +185,22 @@ def test_topk_hidden_proxy():
     torch.testing.assert_close(credit.assign(inputs).values, expected, atol=1e-9, rtol=0)
 
 
+def test_topk_hidden_proxy_vocab_shards_sum_to_the_whole():
+    """§9.5: each vocab-parallel rank forms the terms of the rows it owns; the sum over ranks is v̂.
+    Shards of 4 rows over V = 11 (the last one short), targets < 0 contribute nothing."""
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(11, 5, generator=gen, dtype=F64)
+    h = torch.randn(7, 5, generator=gen, dtype=F64)
+    y = torch.tensor([0, 3, 4, 7, 10, 8, -1])
+    ids, logits = topk_logits_from_hidden(h, W, k=5)
+    whole = topk_hidden_proxy(W, y, ids, logits)
+    parts = [topk_hidden_proxy(W[start:start + 4], y, ids, logits, vocab_start=start) for start in (0, 4, 8)]
+    torch.testing.assert_close(sum(parts), whole, atol=1e-12, rtol=0)
+    p = torch.softmax(logits[6], -1)
+    torch.testing.assert_close(whole[6], -(p[:, None] * W[ids[6]]).sum(0), atol=1e-12, rtol=0)
+    assert all(part.abs().sum() > 0 for part in parts)
+
+
 # ------------------------------------------------------------------------------------ config
 
 @pytest.mark.parametrize("override, field", [

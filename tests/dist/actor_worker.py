@@ -43,6 +43,7 @@ TRAIN = ["train.prompts_per_step=4", "train.mini_batches=2", "train.ppo_epochs=1
          "train.max_tokens_per_gpu_logprob=24", "train.max_tokens_per_gpu_train=24",
          "rollout.temperature=1.0", "parallel.distributed_optimizer=false"]
 DELTA_MODES = ("moments", "recompute", "cache")  # cache last: its λ̄ is the train loss weight
+TOPK = 8  # K of the top-K hidden-gradient proxy run (≤ the vocab shard at TP = 2: 64 / 2)
 
 
 def make_config(hf_dir: str | Path | None, extra: list[str] = ()):
@@ -197,6 +198,9 @@ def main() -> None:
         owned[batch.token_indices(sorted(i for s in actor.local_shards(batch) for i in s))] = True
         res: dict = {"rank": groups.rank, "is_last": groups.is_last_stage, "owned": owned,
                      "dp_rank": groups.dp_cp_rank, "modes": {}}
+        topk = DeltaCredit(DeltaConfig(mode="cache", proxy="topk_hidden", topk_k=TOPK))  # §9.5 ablation
+        res["topk"] = {"metrics": actor.old_logprobs(batch, Capture(delta=topk)),
+                       "credit": batch["credit_delta"].clone()}
         for mode in DELTA_MODES:
             before = runs[0]
             metrics = actor.old_logprobs(batch, Capture(entropy=True,

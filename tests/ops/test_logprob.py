@@ -133,3 +133,16 @@ def test_no_grad_peak_memory_is_bounded_by_chunk():
     extra = int(proc.stdout.strip().splitlines()[-1])
     bound = 3 * chunk * vocab * 4 + 64 * tokens + (16 << 20)
     assert extra < bound, f"peak grew by {extra / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB"
+
+
+def test_top_k_beyond_the_real_columns_pads_with_minus_inf_and_id_minus_one():
+    """A vocab shard with fewer real columns than K (TP padding, or a tiny vocab) contributes what it
+    has; the rest of its candidates are (−inf, −1), so the TP merge never picks a padding column."""
+    gen = torch.Generator().manual_seed(5)
+    h, w = torch.randn(6, 4, generator=gen), torch.randn(8, 4, generator=gen)  # 8 rows, 3 real
+    y = torch.randint(0, 3, (6,), generator=gen)
+    out = chunked_logprob_from_hidden(h, w, y, None, 4, top_k=5, vocab_size=3)
+    real_vals, real_ids = torch.topk(h @ w[:3].t(), 3, dim=-1)
+    assert torch.equal(out.topk_ids[:, :3], real_ids) and (out.topk_ids[:, 3:] == -1).all()
+    torch.testing.assert_close(out.topk_logits[:, :3], real_vals, atol=1e-6, rtol=0)
+    assert torch.isneginf(out.topk_logits[:, 3:]).all()

@@ -16,6 +16,7 @@ METHODS = {
     "dapo": [],
     "delta": ["credit.methods=[delta]"],
     "delta_recompute": ["credit.methods=[delta]", "credit.delta.mode=recompute"],
+    "delta_topk_proxy": ["credit.methods=[delta]", "credit.delta.proxy=topk_hidden", "credit.delta.topk_k=8"],
     "forking": ["credit.methods=[forking]"],
     "ktae": ["credit.methods=[ktae]"],
     "lowprob": ["credit.methods=[lowprob]"],

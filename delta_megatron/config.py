@@ -265,10 +265,6 @@ class Config:
         delta = self.credit.delta
         if delta.proxy == "topk_hidden" and delta.topk_k > self.model.vocab_size:
             fail("credit.delta.topk_k", delta.topk_k, f"must be <= model.vocab_size={self.model.vocab_size}")
-        if self.algo.kl.estimator != "none":
-            fail("algo.kl.estimator", self.algo.kl.estimator,
-                 "a KL loss needs reference log-probs, which the Megatron actor does not compute yet; "
-                 "use none (the DAPO-family recipes run without KL)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

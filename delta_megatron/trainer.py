@@ -76,6 +76,8 @@ class Trainer:
         batch = self.score(batch)
         batch = self.advantages(batch)
         delta_metrics = self.actor.old_logprobs(batch, capture=self.credit.capture())
+        if self.cfg.algo.kl.estimator != "none":
+            self.actor.ref_logprobs(batch)  # logp_ref for the KL loss
         plan, credit_metrics = self.credit.assign(batch, score_fn=self.actor.score_sequences)
         train_metrics = self.actor.train(batch, plan)
         C.sync_weights(self.actor, self.engine)

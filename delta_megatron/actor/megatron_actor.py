@@ -19,6 +19,7 @@ and forms v̂ from each rank's vocab rows, summed over TP.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -87,6 +88,43 @@ class MegatronActor:
         config.grad_scale_func = self.optimizer.scale_loss
         self.pad_multiple = cfg.parallel.tp if self.sp else 1
         self.optimizer_steps = 0
+        # KL reference = the policy as built (HF weights or the seeded init). Taken before any
+        # checkpoint load, so a resumed run keeps the original reference (checkpoints hold the policy).
+        self._reference = self._snapshot() if cfg.algo.kl.estimator != "none" else None
+
+    # ------------------------------------------------------------------ KL reference
+    def _params(self) -> list[torch.Tensor]:
+        return [p for chunk in self.model for p in chunk.parameters()]
+
+    @torch.no_grad()
+    def _snapshot(self) -> list[torch.Tensor]:
+        offload = self.cfg.algo.kl.reference_offload
+        return [p.detach().to("cpu" if offload else p.device, copy=True) for p in self._params()]
+
+    @contextmanager
+    def _reference_weights(self):
+        """Swap the reference weights into the model's parameters (in place: megatron's DDP buffers
+        and the optimizer keep their views) and restore the policy afterwards, even on error."""
+        params, policy = self._params(), self._snapshot()
+        try:
+            with torch.no_grad():
+                for p, r in zip(params, self._reference):
+                    p.copy_(r)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, c in zip(params, policy):
+                    p.copy_(c)
+
+    @torch.no_grad()
+    def ref_logprobs(self, batch: RolloutBatch) -> None:
+        """Adds ``logp_ref``: log p(y_t) under the frozen reference (the initial policy), for the KL
+        loss. One forward-only pass over this rank's tokens, like ``old_logprobs``."""
+        if self._reference is None:
+            raise RuntimeError("ref_logprobs: the actor keeps reference weights only when "
+                               "algo.kl.estimator is not 'none'")
+        with self._reference_weights():
+            self.old_logprobs(batch, field="logp_ref")
 
     # ------------------------------------------------------------------ planning
     def minibatch_plan(self, batch: RolloutBatch) -> list[list[int]]:
@@ -175,9 +213,10 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ old-log-prob pass
     @torch.no_grad()
-    def old_logprobs(self, batch: RolloutBatch, capture: Capture | None = None) -> dict[str, float]:
-        """Adds ``logp_old`` (and ``entropy``, DelTA ``credit_delta``) token fields for this rank's
-        tokens. Returns DelTA metrics (empty without DelTA)."""
+    def old_logprobs(self, batch: RolloutBatch, capture: Capture | None = None,
+                     field: str = "logp_old") -> dict[str, float]:
+        """Adds ``logp_old`` (or ``field``; and ``entropy``, DelTA ``credit_delta``) token fields for
+        this rank's tokens. Returns DelTA metrics (empty without DelTA)."""
         capture = capture or Capture()
         for chunk in self.model:
             chunk.eval()
@@ -241,7 +280,7 @@ class MegatronActor:
             box = [metrics]
             dist.broadcast_object_list(box, src=self._last_stage_rank(), group=self.groups.pp)
             metrics = box[0]
-        batch.add_token_field("logp_old", logp, overwrite=True)
+        batch.add_token_field(field, logp, overwrite=True)
         if entropy is not None:
             batch.add_token_field("entropy", entropy, overwrite=True)
         if credit is not None:
@@ -333,6 +372,7 @@ class MegatronActor:
         else:
             fields = {name: batch[name] for name in ("logp_old", plan.advantage_field)}
         weight = batch[plan.weight_field] if plan.weight_field else None
+        ref_logp = batch["logp_ref"] if self._reference is not None and plan.objective != "sft" else None
         need_entropy = plan.microbatch_mask is not None
         collected: list[dict] = []
 
@@ -354,6 +394,7 @@ class MegatronActor:
                 seq_index=seq_local.to(self.device), seq_lengths=resp_lens[seqs].to(self.device),
                 num_seqs=len(mb.samples), normalizer=normalizer,
                 token_weight=None if weight is None else weight[idx].to(self.device),
+                ref_logp=None if ref_logp is None else ref_logp[idx].to(self.device),
                 cp_group=self.groups.cp if self.groups.cp_size > 1 else None)
             if plan.objective == "sft":
                 share = -(lp[rows.to(self.device)] * mask).sum() / max(normalizer.num_tokens, 1.0)

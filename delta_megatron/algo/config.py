@@ -47,6 +47,9 @@ class LossConfig:
 class KLConfig:
     estimator: Literal["none", "k1", "abs", "k2", "k3", "k1+", "abs+", "k3+"] = "none"
     coef: float = 0.001
+    # The reference is the initial policy; the actor keeps a copy of its weights (in host memory
+    # when True, swapped in for the reference pass; on the device when False: faster, +1× weights).
+    reference_offload: bool = True
 
     def validate(self) -> None:
         check_range("coef", self.coef, 0, None)

@@ -13,10 +13,11 @@ tokens before it; the first token of each sequence has no prediction (0 there).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from delta_megatron.algo.kl import kl_penalty
 from delta_megatron.batch import RolloutBatch
 from delta_megatron.credit.delta import DeltaConfig, delta_reference
 
@@ -101,6 +102,7 @@ class TrainRef:
     grad_norms: list[float]  # pre-clip global grad norm per mini-batch
     ppo_kl: list[float]  # token-mean (logp_old − logp) per mini-batch
     model: object  # the updated HF model
+    kl_loss: list[float] = field(default_factory=list)  # token-mean KL penalty per mini-batch
 
 
 def ppo_token_loss(logp, logp_old, adv, clip_low, clip_high, dual_c):
@@ -113,16 +115,17 @@ def ppo_token_loss(logp, logp_old, adv, clip_low, clip_high, dual_c):
 
 
 def train_step(model, batch: RolloutBatch, logp_old: torch.Tensor, weight: torch.Tensor | None,
-               cfg) -> TrainRef:
+               cfg, ref_logp: torch.Tensor | None = None) -> TrainRef:
     """One rollout batch of PPO (one epoch, ``cfg.train.mini_batches`` Adam steps) on a copy of
-    ``model``. ``cfg`` is the actor's Config (lr, betas, eps, clip, loss settings)."""
+    ``model``. ``cfg`` is the actor's Config (lr, betas, eps, clip, loss and KL settings); with
+    ``ref_logp`` the token-mean KL penalty ``cfg.algo.kl`` is added."""
     model = copy.deepcopy(model).train()
     tr, loss_cfg = cfg.train, cfg.algo.loss
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     opt = torch.optim.Adam(params, lr=tr.lr, betas=tuple(tr.adam_betas), eps=tr.adam_eps,
                            weight_decay=tr.weight_decay)
     adv = batch["advantage_tokens"]
-    norms, kls = [], []
+    norms, kls, kl_losses = [], [], []
     for mini in minibatch_plan(batch, tr.mini_batches):
         sel = torch.zeros(batch.num_tokens, dtype=torch.bool)
         sel[batch.token_indices(mini)] = True
@@ -134,7 +137,12 @@ def train_step(model, batch: RolloutBatch, logp_old: torch.Tensor, weight: torch
                              loss_cfg.clip_high, loss_cfg.dual_clip_c)
         if weight is not None:
             tok = tok * weight[mask]
-        (tok.sum() / n).backward()
+        loss = tok.sum() / n
+        if ref_logp is not None:
+            kl = kl_penalty(cur[mask], ref_logp[mask], cfg.algo.kl.estimator)
+            kl_losses.append(float(kl.detach().sum() / n))
+            loss = loss + cfg.algo.kl.coef * kl.sum() / n
+        loss.backward()
         kls.append(float((logp_old[mask] - cur[mask].detach()).sum() / n))
         if tr.grad_clip > 0:
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)))
@@ -142,7 +150,7 @@ def train_step(model, batch: RolloutBatch, logp_old: torch.Tensor, weight: torch
             norms.append(float(torch.norm(torch.stack([p.grad.norm() for p in params]))))
         opt.step()
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return TrainRef(state_dict=sd, grad_norms=norms, ppo_kl=kls, model=model.eval())
+    return TrainRef(state_dict=sd, grad_norms=norms, ppo_kl=kls, model=model.eval(), kl_loss=kl_losses)
 
 
 def score_sums(model, seqs: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:

@@ -190,6 +190,38 @@ def test_train_step_equals_reference(trained, ref, budget):
     torch.testing.assert_close(got.logp_after[has], after.logp[has], atol=5e-5, rtol=0)
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_to_reference_step_equals_reference(groups, hf_dir, ref, estimator):
+    """KL to the frozen initial policy: ``ref_logprobs`` swaps the initial weights in and out; the
+    train step with the KL term equals the HF reference; the reference stays the initial policy after
+    the update, and the policy's weights are restored after each reference pass."""
+    cfg = make_config(hf_dir, [f"algo.kl.estimator={estimator}", "algo.kl.coef=0.5"])
+    actor = MegatronActor(cfg, groups)
+    batch = make_batch()
+    actor.old_logprobs(batch)
+    actor.ref_logprobs(batch)
+    has = ref.tokens.has_target
+    torch.testing.assert_close(batch["logp_ref"], batch["logp_old"], atol=0, rtol=0)  # policy = reference
+    minis = record_minibatches(actor)
+    actor.train(batch, LossPlan())
+    want = ref_lib.train_step(ref.model, batch, ref.tokens.logp, None, cfg, ref_logp=ref.tokens.logp)
+    assert minis[0]["train/kl_loss"] == 0.0  # before the first update the policy is the reference
+    assert abs(want.kl_loss[1]) > 1e-4 and minis[1]["train/kl_loss"] == pytest.approx(want.kl_loss[1], rel=1e-4)
+    for k in range(2):
+        assert minis[k]["train/grad_norm"] == pytest.approx(want.grad_norms[k], rel=1e-5)
+    weights = export_weights(actor)
+    for name, w in weights.items():
+        torch.testing.assert_close(w, want.state_dict[name], **TOL, msg=name)
+    if estimator == "k1":  # k1's gradient is coef·∇log p: the update differs from plain PPO's
+        assert max(float((w - ref.train.state_dict[n]).abs().max()) for n, w in weights.items()) > 1e-4
+    after = make_batch()
+    actor.ref_logprobs(after)  # still the initial policy ...
+    torch.testing.assert_close(after["logp_ref"][has], ref.tokens.logp[has], **TOL)
+    actor.old_logprobs(after)  # ... and the policy's updated weights came back
+    moved = ref_lib.token_stats(want.model, make_batch())
+    torch.testing.assert_close(after["logp_old"][has], moved.logp[has], atol=5e-5, rtol=0)
+
+
 def test_train_step_is_independent_of_the_microbatch_budget(trained):
     small, large = trained[24], trained[4096]
     for name, w in small.weights.items():

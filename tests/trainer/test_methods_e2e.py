@@ -25,6 +25,7 @@ METHODS = {
     "sapo": ["algo.loss.name=sapo"],
     "gspo": ["algo.loss.name=gspo"],
     "fipo": ["algo.loss.name=fipo"],
+    "kl_k3": ["algo.kl.estimator=k3", "algo.kl.coef=0.01"],
     "drgrpo": ["algo.advantage.estimator=drgrpo", "algo.aggregation=seq-mean-token-sum-norm"],
 }
 
@@ -54,6 +55,8 @@ def test_one_rl_step(name, tmp_path):
         assert row["credit/delta/degenerate"] == 0.0
         assert abs(row["credit/delta/lambda_bar_mean"] - 1.0) < 1e-5
         assert 0.8 / 1.2 - 1e-6 <= row["credit/delta/lambda_bar_min"]
+    if name == "kl_k3":
+        assert math.isfinite(row["train/kl_loss"]) and row["train/kl_loss"] >= 0.0
     if name == "delta_recompute":
         assert row["credit/delta/extra_forwards"] == 3.0  # K+2 with K=1
     assert read_metrics(tmp_path / "dapo" / "metrics.jsonl")[0]["step"] == 0

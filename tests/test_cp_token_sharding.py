@@ -1,6 +1,6 @@
 """CP=2 and CP=4 token sharding (load-balanced chunks) gives the CP=1 log-probs, DelTA λ̄, loss and
-LM-head gradient (1e-10, float64) — with DelTA statistics and GSPO's per-sequence ratio reduced over
-the CP group."""
+LM-head gradient (1e-10, float64) — with DelTA statistics, GSPO's per-sequence ratio and FIPO's
+future-KL suffix sums reduced over the CP group."""
 
 import socket
 import subprocess
@@ -25,5 +25,6 @@ def test_cp_token_sharding_equals_cp1(tmp_path, cp):
                    cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
                    check=True, timeout=300, capture_output=True)
     results = torch.load(out)
+    assert set(results) == {"ppo", "gspo", "fipo"}
     for loss_name, errors in results.items():
         assert max(errors) < 1e-10, (loss_name, dict(zip(["logp", "lambda_bar", "grad", "loss"], errors)))

@@ -395,7 +395,7 @@ class MegatronActor:
                 num_seqs=len(mb.samples), normalizer=normalizer,
                 token_weight=None if weight is None else weight[idx].to(self.device),
                 ref_logp=None if ref_logp is None else ref_logp[idx].to(self.device),
-                cp_group=self.groups.cp if self.groups.cp_size > 1 else None)
+                cp_group=self.groups.cp if self.groups.cp_size > 1 else None, token_index=idx)
             if plan.objective == "sft":
                 share = -(lp[rows.to(self.device)] * mask).sum() / max(normalizer.num_tokens, 1.0)
                 metrics = {"pg_loss": share.detach()}

@@ -10,6 +10,12 @@ rare responses the filter hits.
 
 The suffix sum runs as a chunked triangular matmul over a [sequences, max_len] view (chunk 128, as
 the reference), carrying the sum across chunks, so γ^k never underflows for long responses.
+
+Under context parallelism a rank holds two chunks of each response, so the suffix sum needs the other
+ranks' tokens: the detached Δ (one scalar per token) of the micro-batch is summed into a dense buffer
+over the CP group, keyed by each token's global index, and every rank runs the same suffix sum over
+whole responses (the sequence filter's per-response counts are summed over CP likewise). Only
+scalars travel, never logits; the result equals CP = 1 exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from delta_megatron.algo.ppo_clip import TokenLoss, log_ratio, ppo_clip_from_ratio
 from delta_megatron.utils.configs import fail
@@ -71,15 +78,40 @@ def future_kl(delta: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, gamma
     return out[seq_index, pos].to(delta.dtype)
 
 
+def future_kl_cp(delta: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, gamma: float,
+                 chunk: int, token_index: torch.Tensor, group) -> torch.Tensor:
+    """``future_kl`` when each CP rank holds only some tokens of each response: the tokens are put in
+    global order through ``token_index`` (unique over the group, ascending within a response) and
+    the whole responses' suffix sums computed on every rank; returns the local tokens' values."""
+    dev = delta.device
+    bounds = torch.tensor([-int(token_index.min()) if token_index.numel() else -(2**62),
+                           int(token_index.max()) if token_index.numel() else -(2**62)], device=dev)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=group)
+    lo, hi = -int(bounds[0]), int(bounds[1])
+    if hi < lo:  # no rank holds a token
+        return torch.zeros_like(delta)
+    buf = torch.zeros(3, hi - lo + 1, dtype=torch.float64, device=dev)  # present, Δ, sequence
+    at = token_index.to(dev) - lo
+    buf[0, at], buf[1, at], buf[2, at] = 1.0, delta.double(), seq_index.double()
+    dist.all_reduce(buf, group=group)
+    present = buf[0] > 0
+    whole = future_kl(buf[1, present], buf[2, present].long(), num_seqs, gamma, chunk)
+    slot = torch.cumsum(present.long(), 0) - 1  # dense position -> place among present tokens
+    return whole[slot[at]].to(delta.dtype)
+
+
 def fipo_weights(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
                  mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, cfg: FIPOConfig,
-                 dual_clip_c: float) -> torch.Tensor:
+                 dual_clip_c: float, cp_group=None, token_index: torch.Tensor | None = None) -> torch.Tensor:
     """Detached per-token factor f_t."""
     delta = log_ratio(logp, logp_old).detach()
     keep = (delta <= math.log(dual_clip_c)) & mask
     gamma = 2.0 ** (-1.0 / cfg.decay_rate)
-    fkl = future_kl(torch.where(keep, delta, torch.zeros_like(delta)), seq_index, num_seqs, gamma,
-                    cfg.chunk)
+    masked = torch.where(keep, delta, torch.zeros_like(delta))
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        fkl = future_kl_cp(masked, seq_index, num_seqs, gamma, cfg.chunk, token_index, cp_group)
+    else:
+        fkl = future_kl(masked, seq_index, num_seqs, gamma, cfg.chunk)
     f = torch.clamp(torch.exp(fkl), cfg.f_range[0], cfg.f_range[1])
     unsafe = (advantages < 0) & (torch.exp(delta) > cfg.safety_thresh)
     return torch.where(unsafe, torch.clamp(f, 0.8, 1.0), f)
@@ -87,15 +119,18 @@ def fipo_weights(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.T
 
 def fipo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, cfg: FIPOConfig,
-              clip_low: float = 0.2, clip_high: float = 0.28,
-              dual_clip_c: float = 10.0) -> tuple[TokenLoss, torch.Tensor]:
+              clip_low: float = 0.2, clip_high: float = 0.28, dual_clip_c: float = 10.0,
+              cp_group=None, token_index: torch.Tensor | None = None) -> tuple[TokenLoss, torch.Tensor]:
     """Returns the token loss and the per-token keep mask of the sequence filter."""
-    f = fipo_weights(logp, logp_old, advantages, mask, seq_index, num_seqs, cfg, dual_clip_c)
+    f = fipo_weights(logp, logp_old, advantages, mask, seq_index, num_seqs, cfg, dual_clip_c,
+                     cp_group, token_index)
     ratio = torch.exp(log_ratio(logp, logp_old))
     out = ppo_clip_from_ratio(ratio, advantages * f, clip_low, clip_high, dual_clip_c)
     keep = mask
     if cfg.seq_filter:
         hits = torch.zeros(num_seqs, dtype=torch.long, device=mask.device)
         hits = hits.index_add_(0, seq_index, (out.dual_clipped & mask).long())
+        if cp_group is not None and dist.get_world_size(cp_group) > 1:
+            dist.all_reduce(hits, group=cp_group)  # a response's hits may sit on several CP ranks
         keep = mask & (hits[seq_index] <= 1)
     return out, keep

@@ -40,7 +40,10 @@ class PolicyLossInputs:
     normalizer: LossNormalizer
     token_weight: torch.Tensor | None = None  # [tokens] credit multiplier (λ̄, w), > 0
     ref_logp: torch.Tensor | None = None  # [tokens] for a KL loss
-    cp_group: object = None  # context-parallel group for sequence-level reductions (GSPO)
+    cp_group: object = None  # context-parallel group for sequence-level reductions (GSPO, FIPO)
+    # [tokens] long, the tokens' global order (e.g. their index in the rollout batch): FIPO under CP
+    # rebuilds each response's token order from it across the CP ranks
+    token_index: torch.Tensor | None = None
 
 
 def policy_loss(cfg: AlgoConfig, inp: PolicyLossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -57,12 +60,12 @@ def policy_loss(cfg: AlgoConfig, inp: PolicyLossInputs) -> tuple[torch.Tensor, d
         out = sapo_loss(inp.logp, inp.logp_old, inp.advantages, loss_cfg.sapo.tau_pos,
                         loss_cfg.sapo.tau_neg)
     elif loss_cfg.name == "fipo":
-        if inp.cp_group is not None:
-            raise NotImplementedError("algo.loss.name: 'fipo' — the future-KL suffix sum crosses "
-                                      "context-parallel chunks; run FIPO with parallel.cp=1")
+        if inp.cp_group is not None and inp.token_index is None:
+            raise ValueError("FIPO under context parallelism needs PolicyLossInputs.token_index "
+                             "(the future-KL suffix sum crosses CP chunks)")
         out, mask = fipo_loss(inp.logp, inp.logp_old, inp.advantages, mask, inp.seq_index,
                               inp.num_seqs, loss_cfg.fipo, loss_cfg.clip_low, loss_cfg.clip_high,
-                              loss_cfg.dual_clip_c)
+                              loss_cfg.dual_clip_c, cp_group=inp.cp_group, token_index=inp.token_index)
     else:
         raise ValueError(f"unknown policy loss {loss_cfg.name!r}")
 

@@ -70,7 +70,7 @@ def run(batch, adv, embed, mix, head, token_index, group, loss_name):
     loss, _ = policy_loss(cfg, PolicyLossInputs(
         logp=lp, logp_old=shifted, advantages=adv_tok, mask=torch.ones(len(rows), dtype=torch.bool),
         seq_index=batch.seq_index[tgt], seq_lengths=lens, num_seqs=batch.num_seqs, normalizer=norm,
-        token_weight=lam, cp_group=group))
+        token_weight=lam, cp_group=group, token_index=tgt))
     loss.backward()
     full_lp = torch.zeros(batch.num_tokens, dtype=torch.float64)
     full_lam = torch.zeros(batch.num_tokens, dtype=torch.float64)
@@ -89,7 +89,7 @@ def main(out):
     rank, world = dist.get_rank(), dist.get_world_size()
     batch, adv, embed, mix, head = make_problem()
     results = {}
-    for loss_name in ("ppo", "gspo"):
+    for loss_name in ("ppo", "gspo", "fipo"):
         ref = run(batch, adv, embed, mix, head, torch.arange(batch.num_tokens), None, loss_name)
         shard = cp_split(batch, world, rank)
         got = run(batch, adv, embed, mix, head, shard.token_index, dist.group.WORLD, loss_name)

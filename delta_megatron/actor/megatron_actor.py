@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from delta_megatron.actor.microbatch import MicroBatch, build_microbatch
+from delta_megatron.actor.microbatch import MicroBatch, build_microbatch, padded_row_length
 from delta_megatron.actor.optimizer import build_optimizer, wrap_ddp
 from delta_megatron.algo import PolicyLossInputs, policy_loss
 from delta_megatron.algo.aggregation import LossNormalizer
@@ -151,9 +151,10 @@ class MegatronActor:
         length = 1
         if self.cfg.parallel.vpp:  # interleaved 1F1B: a multiple of PP micro-batches (empty ones add
             plan += [[]] * (-len(plan) % self.cfg.parallel.pp)  # no token and no loss), all one length
-            length = max(int(batch.seq_lens[mb].sum()) for mb in plan)  # (its p2p shapes are fixed)
-        return [build_microbatch(batch, mb, self.pad_multiple, backend=self.backend, min_length=length)
-                for mb in plan]
+            length = max(padded_row_length(batch.seq_lens[mb].tolist(), self.groups.cp_size, self.pad_multiple)
+                         for mb in plan)  # (its p2p shapes are fixed)
+        return [build_microbatch(batch, mb, self.pad_multiple, backend=self.backend, min_length=length,
+                                 cp_size=self.groups.cp_size, cp_rank=self.groups.cp_rank) for mb in plan]
 
     # ------------------------------------------------------------------ running the schedule
     def _run(self, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list[dict]:
@@ -290,24 +291,36 @@ class MegatronActor:
     @torch.no_grad()
     def score_sequences(self, seqs: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
         """The credit library's ``ScoreFn``: per sequence, Σ log p(y_t | y_<t) over the positions t
-        marked in its mask (no-grad forwards; every rank scores every sequence, result from the last
-        pipeline stage)."""
-        scored = RolloutBatch.from_samples([s[:1].tolist() for s in seqs], [s[1:].tolist() for s in seqs])
-        logp = torch.zeros(scored.num_tokens)
-
-        def loss_fn(mb: MicroBatch, hidden: torch.Tensor):
-            lp, _ = self._logprobs(mb, hidden, with_entropy=False)
-            valid = mb.target_index >= 0
-            logp[mb.target_index[valid]] = lp.cpu()[valid]
-            return torch.zeros((), device=self.device), torch.tensor(0, dtype=torch.int), {}
-
-        mbs = self._microbatches(scored, list(range(scored.num_seqs)),
-                                 self.cfg.train.max_tokens_per_gpu_logprob)
-        self._run(mbs, loss_fn, forward_only=True)
-        flat = torch.cat([m.bool() for m in masks])
+        marked in its mask (no-grad forwards). Every rank passes the same inputs and gets every sum:
+        each DP replica scores its length-balanced share of the sequences, CP ranks their chunks, and
+        the sums are combined over DP×CP (and taken from the last pipeline stage)."""
         sums = torch.zeros(len(seqs), dtype=torch.float64)
-        sums.index_add_(0, scored.seq_index[flat], logp[flat].double())
-        return self._from_last_stage(sums)
+        mine = balanced_partition([len(s) for s in seqs], self.groups.dp_size)[self.groups.dp_rank] \
+            if seqs else []
+        if mine:
+            scored = RolloutBatch.from_samples([seqs[i][:1].tolist() for i in mine],
+                                               [seqs[i][1:].tolist() for i in mine])
+            logp = torch.zeros(scored.num_tokens)
+
+            def loss_fn(mb: MicroBatch, hidden: torch.Tensor):
+                lp, _ = self._logprobs(mb, hidden, with_entropy=False)
+                valid = mb.target_index >= 0
+                logp[mb.target_index[valid]] = lp.cpu()[valid]
+                return torch.zeros((), device=self.device), torch.tensor(0, dtype=torch.int), {}
+
+            mbs = self._microbatches(scored, list(range(scored.num_seqs)),
+                                     self.cfg.train.max_tokens_per_gpu_logprob)
+            self._run(mbs, loss_fn, forward_only=True)
+            flat = torch.cat([masks[i].bool() for i in mine])
+            local = torch.zeros(len(mine), dtype=torch.float64)
+            local.index_add_(0, scored.seq_index[flat], logp[flat].double())
+            sums[mine] = local
+        sums = self._from_last_stage(sums)
+        if self.groups.dp_cp_size > 1:  # disjoint sequences (DP) and disjoint tokens (CP)
+            buf = sums.to(self.device)  # NCCL takes no CPU tensors
+            dist.all_reduce(buf, group=self.groups.dp_cp)
+            sums = buf.cpu()
+        return sums
 
     def _extra_passes(self, engine) -> Iterator[int]:
         """Further forward-only passes the DelTA engine asks for (moments / recompute modes). The

@@ -436,10 +436,13 @@ class MegatronActor:
                     loss_mask: torch.Tensor, plan: LossPlan) -> LossNormalizer:
         """Mini-batch totals over all DP ranks (forking: Σ of selected counts per micro-batch)."""
         if plan.microbatch_count is not None:
-            local = sum(plan.microbatch_count(int((loss_mask[mb.target_index[mb.response]]).sum()))
-                        for mb in mbs)
+            valid = torch.tensor([float(loss_mask[mb.target_index[mb.response]].sum()) for mb in mbs],
+                                 dtype=torch.float64, device=self.device)
+            if self.groups.cp_size > 1 and mbs:  # a micro-batch's tokens are spread over its CP ranks
+                dist.all_reduce(valid, group=self.groups.cp)
+            local = sum(plan.microbatch_count(int(n)) for n in valid.tolist())
             count = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
-            dist.all_reduce(count, group=self.groups.dp_cp)
+            dist.all_reduce(count, group=self.groups.dp)
             num_tokens = float(count[0])
         else:
             num_tokens = float(loss_mask[batch.token_indices(mini)].sum())

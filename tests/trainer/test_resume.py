@@ -40,13 +40,15 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
     killed = tmp_path / "killed"
     kill_after = random.Random(os.getpid()).choice([1, 2])  # checkpoint step after which we kill
+    # its own process group: the kill takes the run's helper processes too, as Slurm does when it
+    # kills a job step (a lone SIGKILL of the trainer would orphan them on the CI machine)
     proc = subprocess.Popen(_cmd(killed), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     target = killed / "checkpoints" / f"step_{kill_after:08d}"
     deadline = time.time() + 600
     while not target.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert target.exists(), "the run never wrote the checkpoint to kill after"
     done_before = len(read_metrics(killed / "metrics.jsonl"))

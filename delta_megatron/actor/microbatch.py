@@ -59,15 +59,9 @@ def block_causal_mask(seq_lens: list[int], total: int) -> torch.Tensor:
     return ~(same & causal)[None, None]
 
 
-def _sequence_unit(cp_size: int, pad_to_multiple: int) -> int:
-    """Per-sequence padding multiple: with CP every sequence splits into 2·CP chunks whose lengths
-    are multiples of TP under sequence parallelism (``ops.packing.packing_alignment``)."""
-    return packing_alignment(pad_to_multiple, cp_size) if cp_size > 1 else 1
-
-
 def padded_row_length(seq_lens: list[int], cp_size: int = 1, pad_to_multiple: int = 1) -> int:
     """Tokens of the packed row before the CP split (sequences padded to their CP unit)."""
-    unit = _sequence_unit(cp_size, pad_to_multiple)
+    unit = packing_alignment(pad_to_multiple, cp_size)  # 1 without CP: the row alone is padded
     return sum(-(-n // unit) * unit for n in seq_lens)
 
 
@@ -86,7 +80,7 @@ def build_microbatch(batch: RolloutBatch, samples: list[int], pad_to_multiple: i
     """
     if cp_size > 1 and backend == "local":
         raise ValueError("context parallelism needs the Transformer Engine backend (THD attention)")
-    unit = _sequence_unit(cp_size, pad_to_multiple)
+    unit = packing_alignment(pad_to_multiple, cp_size)  # per sequence: 2·CP·TP chunks, 1 without CP
     lens = batch.seq_lens[samples].tolist()
     padded_lens = [-(-n // unit) * unit for n in lens]
     layout = [torch.full((p,), -1, dtype=torch.long) for p in padded_lens]  # batch token per position

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -85,6 +86,22 @@ def delta_lambda_topk(model, ref: TokenRef, batch: RolloutBatch, cfg: DeltaConfi
     v = weight[batch.tokens] - torch.einsum("tk,tkd->td", probs, weight[top.indices])  # y_t = tokens[t]
     lam = delta_reference(v.float(), batch["advantage_tokens"], batch.loss_mask, cfg)
     return lam.float()
+
+
+def reference_run(hf_dir, *, topk: int | None = None) -> SimpleNamespace:
+    """What the actor tests compare against, from the HF checkpoint alone: the test batch, its token
+    statistics, DelTA λ̄ (and, with ``topk``, λ̄ on the top-K proxy) and one PPO step weighted by λ̄."""
+    from tests.dist.actor_worker import load_hf, make_batch, make_config
+
+    cfg = make_config(hf_dir)
+    model = load_hf(hf_dir)
+    batch = make_batch()
+    tokens = token_stats(model, batch)
+    lam = delta_lambda(tokens, batch, cfg.credit.delta)
+    lam_topk = None if topk is None else delta_lambda_topk(
+        model, tokens, batch, DeltaConfig(proxy="topk_hidden", topk_k=topk))
+    return SimpleNamespace(model=model, batch=batch, tokens=tokens, lam=lam, lam_topk=lam_topk,
+                           train=train_step(model, batch, tokens.logp, lam, cfg))
 
 
 def minibatch_plan(batch: RolloutBatch, mini_batches: int) -> list[list[int]]:

@@ -28,7 +28,6 @@ from tests.actor import hf_reference as ref_lib
 from tests.dist.actor_worker import (
     count_runs,
     export_weights,
-    load_hf,
     make_batch,
     make_config,
     record_minibatches,
@@ -48,13 +47,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref(hf_dir):
-    cfg = make_config(hf_dir)
-    model = load_hf(hf_dir)
-    batch = make_batch()
-    tokens = ref_lib.token_stats(model, batch)
-    lam = ref_lib.delta_lambda(tokens, batch, cfg.credit.delta)
-    return SimpleNamespace(model=model, batch=batch, tokens=tokens, lam=lam,
-                           train=ref_lib.train_step(model, batch, tokens.logp, lam, cfg))
+    return ref_lib.reference_run(hf_dir)
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from delta_megatron.credit.delta import DeltaConfig
 from tests.actor import hf_reference as ref_lib
-from tests.dist.actor_worker import TOPK, load_hf, make_batch, make_config, score_inputs, write_hf_checkpoint
+from tests.dist.actor_worker import TOPK, score_inputs, write_hf_checkpoint
 from tests.dist.mg_common import torchrun
 
 pytestmark = pytest.mark.dist
@@ -52,15 +51,10 @@ def hf_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_ref(hf_dir):
-    cfg = make_config(hf_dir)
-    model = load_hf(hf_dir)
-    batch = make_batch()
-    tokens = ref_lib.token_stats(model, batch)
-    lam = ref_lib.delta_lambda(tokens, batch, cfg.credit.delta)
-    lam_topk = ref_lib.delta_lambda_topk(model, tokens, batch, DeltaConfig(proxy="topk_hidden", topk_k=TOPK))
-    train = ref_lib.train_step(model, batch, tokens.logp, lam, cfg)
-    return dict(tokens=tokens, lam=lam, lam_topk=lam_topk, train=train, after=ref_lib.token_stats(train.model, batch),
-                score=ref_lib.score_sums(model, *score_inputs(batch)))
+    ref = ref_lib.reference_run(hf_dir, topk=TOPK)
+    return dict(tokens=ref.tokens, lam=ref.lam, lam_topk=ref.lam_topk, train=ref.train,
+                after=ref_lib.token_stats(ref.train.model, ref.batch),
+                score=ref_lib.score_sums(ref.model, *score_inputs(ref.batch)))
 
 
 @pytest.fixture(scope="module")

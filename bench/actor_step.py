@@ -3,7 +3,7 @@
 One RL step of the actor on a random rollout batch, two variants measured round-robin:
 
 - DAPO:  ``old_logprobs(batch)`` + ``train(batch, LossPlan())``
-- DelTA: ``old_logprobs(batch, Capture(delta=DeltaCredit(mode=cache)))`` + ``train(batch,
+- DelTA: ``old_logprobs(batch, Capture(observers=[DeltaCredit(mode=cache).observer()]))`` + ``train(batch,
   LossPlan(weight_field="credit_delta"))`` — cache mode: no extra transformer forward.
 
 Per phase: median time over ``--repeats`` (after ``--warmup`` rounds), tokens/s, achieved TFLOP/s
@@ -127,10 +127,10 @@ class EngineTimer:
 
 def step(actor, batch, delta: bool) -> tuple[float, float, float, float]:
     """One actor RL step; (wall, CPU) seconds of the log-prob pass and of the train step."""
-    from delta_megatron.actor.megatron_actor import Capture, LossPlan
     from delta_megatron.credit.delta import DeltaConfig, DeltaCredit
+    from delta_megatron.credit_contract import Capture, LossPlan
 
-    capture = Capture(delta=DeltaCredit(DeltaConfig(mode="cache"))) if delta else None
+    capture = Capture(observers=[DeltaCredit(DeltaConfig(mode="cache")).observer()]) if delta else None
     plan = LossPlan(weight_field="credit_delta" if delta else None)
     sync()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -155,7 +155,7 @@ def bench_model(name: str, args) -> dict:
         f"train.max_tokens_per_gpu_train={budget}", "parallel.distributed_optimizer=false"])
     groups = init_distributed(cfg.parallel, seed=1)
     try:
-        actor = MegatronActor(cfg, groups)
+        actor = MegatronActor(cfg.actor_config(), groups)
         batch = make_batch(cfg, prompts, samples, plen, rlen)
         n_params = matmul_params(actor)
         times = {v: [] for v in ("dapo", "delta")}

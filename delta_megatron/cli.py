@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         from launchers.launch import main as launch_main
 
         return launch_main(rest)
-    from delta_megatron.eval.evaluate import main as eval_main
+    from delta_megatron.cli_eval import main as eval_main
 
     return eval_main(rest)
 

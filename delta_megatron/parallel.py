@@ -14,13 +14,44 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from delta_megatron.config import ParallelConfig
+from delta_megatron.utils.configs import fail
 
-__all__ = ["Groups", "init_distributed", "destroy", "get_groups", "is_initialized", "free_port"]
+__all__ = ["ParallelConfig", "Groups", "init_distributed", "destroy", "get_groups", "is_initialized", "free_port",
+           "broadcast_object"]
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron parallel layout. CP attention and FP8 need Transformer Engine (GPU only)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    vpp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    layer_spec: Literal["auto", "local", "te"] = "auto"  # auto: TE when importable and CUDA present
+    fp8: Literal["none", "delayed", "current", "mxfp8"] = "none"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                fail(name, getattr(self, name), "must be >= 1")
+        if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
+            fail("vpp", self.vpp, "interleaved pipelining needs vpp >= 2 and pp >= 2 (or vpp: null)")
+        if self.sequence_parallel and self.tp == 1:
+            fail("sequence_parallel", True, "needs tp > 1")
+        if self.cp > 1 and self.layer_spec == "local":
+            fail("cp", self.cp, "context parallelism needs the Transformer Engine layer spec "
+                               "(parallel.layer_spec: te or auto on a GPU with transformer-engine)")
+        if self.fp8 != "none" and self.layer_spec == "local":
+            fail("fp8", self.fp8, "FP8 needs the Transformer Engine layer spec (parallel.layer_spec: te)")
 
 
 @dataclass(frozen=True)
@@ -106,7 +137,7 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_minutes: int
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from delta_megatron.models import cpu_shim
+    from delta_megatron.utils import cpu_shim
 
     if _GROUPS is not None:
         raise RuntimeError("init_distributed called twice; call parallel.destroy() first")
@@ -157,3 +188,12 @@ def destroy() -> None:
     if _OWNS_PROCESS_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _GROUPS, _OWNS_PROCESS_GROUP = None, False
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s object on every rank (a no-op in one process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -9,19 +9,9 @@ Exit code 75 means "preempted after saving a checkpoint: requeue me" (see utils/
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from delta_megatron.config import Config, load_config
-
-
-def recipe_config(spec: str) -> Config:
-    """``module:function`` (or ``module``, calling ``config``) → the Config the recipe returns."""
-    module, _, func = spec.partition(":")
-    cfg = getattr(importlib.import_module(module), func or "config")()
-    if not isinstance(cfg, Config):
-        raise TypeError(f"recipe {spec!r} returned {type(cfg).__name__}, expected a Config")
-    return cfg
+from delta_megatron.config import Config, load_run_config
 
 
 def parse(argv: list[str]) -> Config:
@@ -33,14 +23,11 @@ def parse(argv: list[str]) -> Config:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-6")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    if args.config:
-        return load_config(args.config, overrides)
-    base = recipe_config(args.recipe) if args.recipe else None
-    return load_config(overrides=overrides, base=base)
+    return load_run_config(args.config, args.recipe, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from delta_megatron.logging import quiet_third_party_warnings
+    from delta_megatron.tracking import quiet_third_party_warnings
     from delta_megatron.trainer import run
     from delta_megatron.utils.preemption import REQUEUE_EXIT_CODE
 

@@ -1,30 +1,35 @@
 """The RLVR loop: rollout → reward → advantages → old-log-prob pass (capture) → token credit →
 PPO updates → weight sync → log / eval / save. ``Trainer.fit`` reads like the algorithm; every verb is
-one call down (this file, ``components.py``, the actor, the credit pipeline).
+one call down (this file, ``builders.py``, the actor, the credit pipeline).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from delta_megatron import components as C
-from delta_megatron.actor.megatron_actor import LossPlan, MegatronActor
+from delta_megatron import builders
 from delta_megatron.algo import compute_advantages
-from delta_megatron.algo.dynamic_sampling import keep_groups
+from delta_megatron.algo.dynamic_sampling import collect_informative_groups
 from delta_megatron.algo.overlong import overlong_penalty
 from delta_megatron.batch import RolloutBatch
 from delta_megatron.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
 from delta_megatron.config import Config, dump_yaml, to_dict
+from delta_megatron.credit.base import CreditContext
 from delta_megatron.credit.counterfactual import tokenizer_decoder
 from delta_megatron.credit.pipeline import CreditPipeline
+from delta_megatron.credit_contract import LossPlan
 from delta_megatron.data.sampler import PromptStream
-from delta_megatron.logging import MetricsLogger, progress
-from delta_megatron.parallel import get_groups
+from delta_megatron.parallel import broadcast_object, get_groups
+from delta_megatron.rollout.engine import SamplingParams
+from delta_megatron.rollout.requests import requests_for, samples_to_batch, step_seed, text_generator
+from delta_megatron.rollout.weight_sync import sync_actor_weights
+from delta_megatron.tracking import MetricsLogger, progress
 from delta_megatron.utils.preemption import Preemption
 
 
@@ -37,14 +42,15 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank0:
             dump_yaml(cfg, self.out / "config.yaml")
-        self.tokenizer, self.tokenizer_dir = C.build_tokenizer(cfg, self.out)
-        self.train_set, self.eval_sets = C.build_datasets(cfg)
+        self.tokenizer, self.tokenizer_dir = builders.build_tokenizer(cfg, self.out)
+        self.encode = builders.prompt_encoder(cfg, self.tokenizer)
+        self.train_set, self.eval_sets = builders.build_datasets(cfg)
         self.prompts = PromptStream(self.train_set, cfg.train.prompts_per_step, seed=cfg.data.shuffle_seed)
-        self.reward = C.build_reward(cfg) if self.rank0 else None  # scoring happens on rank 0
-        self.engine = C.build_engine(cfg, self.tokenizer) if self.rank0 else None
-        self.actor = MegatronActor(cfg, self.groups)
+        self.reward = builders.build_reward(cfg) if self.rank0 else None  # scoring happens on rank 0
+        self.engine = builders.build_engine(cfg, self.tokenizer) if self.rank0 else None
+        self.actor = builders.build_actor(cfg, self.groups)
         self.decode_tokens = tokenizer_decoder(self.tokenizer)  # per-token strings
-        self.credit = CreditPipeline(cfg.credit, decode=self.decode_tokens)
+        self.credit = CreditPipeline(cfg.credit, CreditContext(decode=self.decode_tokens))
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep)
         self.start_step = self._maybe_resume()
         self.log = MetricsLogger(self.out, cfg.logging.jsonl, cfg.logging.tensorboard,
@@ -52,7 +58,7 @@ class Trainer:
         self.preemption = Preemption().install()
         self.preempted = False
         self.rollout_stats: dict[str, float] = {}  # dynamic-sampling counters of the last rollout
-        C.sync_weights(self.actor, self.engine)  # the engine starts from the actor's weights
+        self.sync_weights()  # the engine starts from the actor's weights
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, float]]:
@@ -75,12 +81,12 @@ class Trainer:
         batch = self.rollout(step)
         batch = self.score(batch)
         batch = self.advantages(batch)
-        delta_metrics = self.actor.old_logprobs(batch, capture=self.credit.capture())
+        delta_metrics = self.actor.old_logprobs(batch, capture=self.credit.capture(self.cfg.logging.entropy))
         if self.cfg.algo.kl.estimator != "none":
             self.actor.ref_logprobs(batch)  # logp_ref for the KL loss
         plan, credit_metrics = self.credit.assign(batch, score_fn=self.actor.score_sequences)
         train_metrics = self.actor.train(batch, plan)
-        C.sync_weights(self.actor, self.engine)
+        self.sync_weights()
         metrics = {**self.batch_metrics(batch), **self.rollout_stats, **delta_metrics, **credit_metrics, **train_metrics,
                    "time/step_s": time.perf_counter() - t0}
         metrics.update(self.maybe_eval(step))
@@ -91,50 +97,39 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
     def rollout(self, step: int) -> RolloutBatch:
-        """Sample ``n`` responses per prompt on rank 0, then give every rank the same batch. Dynamic
-        sampling (DAPO): each round draws ``gen_batch_multiplier × prompts_per_step`` prompts and keeps
-        the groups whose correctness varies, until ``prompts_per_step`` of them are collected; the
-        surplus of the last round is dropped (the data cursor has moved past it, as in DAPO)."""
+        """Sample ``n`` responses per prompt and verify them on rank 0, then give every rank the same
+        batch. With dynamic sampling (DAPO) rounds of new prompts run until enough groups carry signal."""
         batch, stats = None, {}
         if self.rank0:
             ds, want = self.cfg.algo.dynamic_sampling, self.cfg.train.prompts_per_step
-            per_round = want * ds.gen_batch_multiplier if ds.enabled else want
-            kept: list[RolloutBatch] = []
-            groups_kept, generated, round_ = 0, 0, 0
-            while groups_kept < want:
-                examples = self.prompts.next(per_round)
-                first = round_ * per_round
-                requests = C.requests_for(self.cfg, self.tokenizer, examples, step, first)
-                samples = self.engine.generate(requests)
-                part = C.samples_to_batch(samples, {first + i: ex for i, ex in enumerate(examples)},
-                                          self.tokenizer)
-                generated += len(examples)
-                round_ += 1
-                if not ds.enabled:
-                    kept.append(part)
-                    break
-                part = self._correctness(part)
-                keep = keep_groups(part["acc"], part["group_id"])
-                kept.append(part.select(keep.nonzero().flatten().tolist()))
-                groups_kept += int(torch.unique(part["group_id"][keep]).numel())
-                if 0 < ds.max_gen_batches <= round_ and groups_kept < want:
-                    raise RuntimeError(
-                        f"dynamic sampling: only {groups_kept} of {want} prompt groups had varying "
-                        f"correctness after {round_} rounds of {per_round} prompts; raise "
-                        "algo.dynamic_sampling.max_gen_batches or gen_batch_multiplier, or use easier data")
-            batch = RolloutBatch.concat(kept)
-            if ds.enabled:  # exactly prompts_per_step groups, in generation order
-                ids = torch.unique(batch["group_id"])[:want]
-                batch = batch.select(torch.isin(batch["group_id"], ids).nonzero().flatten().tolist())
-                stats = {"rollout/gen_rounds": float(round_), "rollout/prompts_generated": float(generated),
-                         "rollout/informative_group_frac": groups_kept / generated}
-        batch, stats = C.broadcast_object((batch, stats))
-        self.rollout_stats = stats
+            draw = partial(self._generate, step)
+            batch, stats = collect_informative_groups(draw, want, ds) if ds.enabled else (draw(0, want), {})
+        batch, self.rollout_stats = broadcast_object((batch, stats))
+        return batch
+
+    def _generate(self, step: int, round_: int, num_prompts: int) -> RolloutBatch:
+        """``num_prompts`` new prompt groups, sampled (one seed per step and round) and verified."""
+        examples = self.prompts.next(num_prompts)
+        first = round_ * num_prompts
+        params = SamplingParams.from_config(self.cfg.rollout).replace(
+            seed=step_seed(self.cfg.train.seed, step, f"round{first}"))
+        samples = self.engine.generate(requests_for(examples, self.encode, params, step, first))
+        batch = samples_to_batch(samples, {first + i: ex for i, ex in enumerate(examples)}, self.tokenizer)
+        return self._verify(batch)
+
+    def _verify(self, batch: RolloutBatch) -> RolloutBatch:
+        """``acc`` (0/1 correctness, what dynamic sampling filters on), the verifier's reward value
+        ``acc_reward`` and its counters, from the verifier pool (rank 0)."""
+        rewards, stats = self.reward.score(list(zip(batch.sample_meta["response_text"],
+                                                    batch.sample_meta["answer"])))
+        value = torch.tensor(rewards, dtype=torch.float32)
+        batch.add_sample_field("acc_reward", value)
+        batch.add_sample_field("acc", (value > 0).float())
+        batch.sample_meta["verifier_stats"] = [stats.as_metrics("reward/")] * batch.num_seqs
         return batch
 
     def score(self, batch: RolloutBatch) -> RolloutBatch:
         """Verifier reward (+ DAPO overlong shaping)."""
-        batch = self._correctness(batch)
         reward = batch["acc_reward"].to(torch.float64)
         overlong = self.cfg.algo.overlong
         if overlong.enabled:
@@ -150,27 +145,13 @@ class Trainer:
         batch.add_token_field("advantage_tokens", batch.per_token("advantage"))
         return batch
 
-    def _correctness(self, batch: RolloutBatch) -> RolloutBatch:
-        """``acc`` (0/1 correctness, what dynamic sampling filters on) and the variant's reward value."""
-        if "acc" in batch:
-            return batch
-        if self.rank0 or not dist.is_initialized():
-            rewards, stats = self.reward.score(list(zip(batch.sample_meta["response_text"],
-                                                        batch.sample_meta["answer"])))
-            payload = (rewards, stats.as_metrics("reward/"))
-        else:
-            payload = None
-        rewards, stats = C.broadcast_object(payload)
-        value = torch.tensor(rewards, dtype=torch.float32)
-        batch.add_sample_field("acc_reward", value)
-        batch.add_sample_field("acc", (value > 0).float())
-        batch.sample_meta["verifier_stats"] = [stats] * batch.num_seqs
-        return batch
+    def sync_weights(self) -> int:
+        return sync_actor_weights(self.actor, self.engine, self.cfg.rollout.sglang.sync_bucket_mb << 20)
 
     # ------------------------------------------------------------------ metrics, eval, checkpoints
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         resp = batch.response_mask
-        owned = resp & (batch["logp_old"] != 0) if "logp_old" in batch else resp  # this rank's tokens
+        owned = resp & batch["owned"] if "owned" in batch else resp  # this rank's tokens
         stats = batch.sample_meta.get("verifier_stats", [{}])[0]
         out = {
             "rollout/reward_mean": float(batch["reward"].mean()),
@@ -189,8 +170,6 @@ class Trainer:
     def record_samples(self, step: int, batch: RolloutBatch, count: int = 8) -> None:
         """Per-token credit of a few responses (``samples.jsonl``) for heat-maps and inspection; also
         the λ̄ histogram of the whole batch. Rank 0 only; every ``logging.log_every`` steps."""
-        import json
-
         if not self.rank0 or step % self.cfg.logging.log_every:
             return
         weights = batch["credit_weight"] if "credit_weight" in batch else None
@@ -220,32 +199,19 @@ class Trainer:
         return self.evaluate(step)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        from delta_megatron.eval.evaluate import EvalSettings, evaluate
+        from delta_megatron.eval.evaluate import evaluate
 
         results = None
-        if self.rank0:
-            settings = EvalSettings.from_config(self.cfg.eval)
-            results = evaluate(self._generate_texts(step), self.eval_sets, self.reward, settings,
+        if self.rank0:  # one seed per evaluation, reproducible across resumes
+            seed = step_seed(self.cfg.train.seed, 10_000_000 + step, "round0")
+            generate = text_generator(self.engine, self.tokenizer, self.encode, lambda _call: seed)
+            results = evaluate(generate, self.eval_sets, self.reward, self.cfg.eval.settings(),
                                prompt_fn=lambda ex: ex)
-        metrics = C.broadcast_object(results.as_metrics() if results is not None else None)
+        metrics = broadcast_object(results.as_metrics() if results is not None else None)
         if self.rank0:
             (self.out / "eval").mkdir(exist_ok=True)
             (self.out / "eval" / f"step_{step + 1:06d}.md").write_text(results.to_markdown())
         return metrics
-
-    def _generate_texts(self, step: int):
-        from delta_megatron.rollout.engine import SamplingParams
-
-        def generate(prompts, n, temperature, top_p, max_new_tokens):
-            params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n)
-            reqs = C.requests_for(self.cfg, self.tokenizer, prompts, 10_000_000 + step, 0, params)
-            samples = self.engine.generate(reqs)
-            out: list[list[str]] = [[] for _ in prompts]
-            for s in sorted(samples, key=lambda s: (int(s.group_id), s.index)):
-                out[int(s.group_id)].append(self.tokenizer.decode(s.response_ids, skip_special_tokens=True))
-            return out
-
-        return generate
 
     def maybe_save(self, step: int) -> None:
         every = self.cfg.checkpoint.every
@@ -280,7 +246,7 @@ class Trainer:
                 closeable.close()
 
 
-def sft_warmup(actor: MegatronActor, pairs: list[tuple[list[int], list[int]]], steps: int,
+def sft_warmup(actor: Any, pairs: list[tuple[list[int], list[int]]], steps: int,
                batch_size: int, seed: int = 0) -> list[float]:
     """Supervised warm-up on (prompt ids, target ids) pairs: token-mean NLL of the targets, one optimizer
     step per batch. Used by the CPU demo so RL starts with a non-zero but improvable reward."""

@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from delta_megatron.logging import read_metrics
+from delta_megatron.tracking import read_metrics
 
 CURVES = [
     ("rollout/reward_mean", "train reward"),

@@ -57,9 +57,8 @@ def sft_config(out: str, seed: int = 1) -> Config:
 
 def run_sft(out: Path, steps: int, seed: int) -> Path:
     """Train from scratch with token-mean NLL on 1..3-digit sums, export HF weights + tokenizer."""
-    from delta_megatron.actor.megatron_actor import MegatronActor
+    from delta_megatron.builders import arithmetic_task, build_actor, build_tokenizer
     from delta_megatron.cli_export import export_hf
-    from delta_megatron.components import arithmetic_task, build_tokenizer
     from delta_megatron.parallel import destroy, init_distributed
     from delta_megatron.trainer import sft_warmup
 
@@ -70,7 +69,7 @@ def run_sft(out: Path, steps: int, seed: int) -> Path:
         task = arithmetic_task(cfg)
         pairs = [(tokenizer(p)["input_ids"], tokenizer(c, add_special_tokens=False)["input_ids"]
                   + [tokenizer.eos_token_id]) for p, c in task.sft_pairs(20000, seed=seed)]
-        actor = MegatronActor(cfg, groups, total_optimizer_steps=steps)
+        actor = build_actor(cfg, groups, total_optimizer_steps=steps)
         losses = sft_warmup(actor, pairs, steps, batch_size=128, seed=seed)
         model_dir = export_hf(actor.model, cfg, out / "sft_model", tokenizer_dir=tok_dir)
         (out / "sft").mkdir(parents=True, exist_ok=True)
@@ -81,7 +80,7 @@ def run_sft(out: Path, steps: int, seed: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from delta_megatron.logging import quiet_third_party_warnings
+    from delta_megatron.tracking import quiet_third_party_warnings
     from delta_megatron.trainer import run
     from delta_megatron.viz import lambda_heatmap_html, plot_curves, plot_lambda_distribution
 
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summarize(runs: dict[str, Path], timings: dict[str, float]) -> str:
-    from delta_megatron.logging import read_metrics
+    from delta_megatron.tracking import read_metrics
 
     lines = ["# CPU demo summary", "", "| run | first reward | last reward | final held-out avg@4 | s/step |",
              "|---|---|---|---|---|"]

@@ -22,7 +22,7 @@ def test_defaults_validate_and_yaml_round_trip(tmp_path):
     ("model.num_key_value_heads=3", "model.num_key_value_heads: 3 — must divide num_attention_heads=4"),
     ("parallel.pp=3", "parallel.pp: 3 — must divide model.num_layers=4"),
     ("parallel.sequence_parallel=true", "parallel.sequence_parallel: True — needs tp > 1"),
-    ("credit.methods=[delta,magic]", "credit.methods[1]: 'magic' — allowed: delta, ktae"),
+    ("credit.methods=[delta,magic]", "credit.methods[1]: 'magic' — allowed: 'delta', 'ktae'"),
     ("algo.loss.fipo.f_range=[1.1,1.2]", "algo.loss.fipo.f_range: (1.1, 1.2) — need 0 < lower <= 1 <= upper"),
     ("model.nope=1", "model.nope: '1' — no such config field"),
     ("algo.loss.dual_clip_c=0.5", "algo.loss.dual_clip_c: 0.5 — must be > 1"),

@@ -1,39 +1,36 @@
-"""The Megatron actor: old-log-prob pass with capture (DelTA inside the output layer) and PPO training.
+"""The Megatron actor: old-log-prob pass with capture and PPO training, generic in the credit method.
 
 Data layout. Every rank holds the whole RolloutBatch (tokens and per-sample fields are small). The
 batch is cut into PPO mini-batches by prompt group, each mini-batch is split over DP ranks by
 :meth:`RolloutBatch.dp_partition`, and each DP shard into token-budget micro-batches. The old-log-prob
 pass covers a rank's train shards, packed shard by shard like the train pass, so the per-token
-fields it writes (``logp_old``, ``entropy``, ``credit_weight``) are exactly the ones that rank's train
-pass reads; entries of other ranks' tokens stay 0. Splits depend only on the batch and the layout,
-so every TP/PP peer builds the same micro-batches.
+fields it writes (``logp_old``, ``entropy``, observer fields) are exactly the ones that rank's train
+pass reads; ``owned`` marks them, entries of other ranks' tokens stay 0. Splits depend only on the
+batch and the layout, so every TP/PP peer builds the same micro-batches.
 
-DelTA. The last pipeline stage reads ``h`` (the LM-head input) and ``log p(y_t)`` of each micro-batch
-from the same chunked vocab-parallel kernel that produces ``logp_old`` and feeds a DeltaEngine whose
-statistics are summed over DP×CP (×TP when ``h`` is the sequence-parallel shard). ``cache`` mode needs
-no extra forward; ``moments`` / ``recompute`` re-run forward-only passes until the engine finishes.
-The top-K hidden-gradient proxy (ablation, §2.2 / §9.5) takes the global top-K from the same kernel
-and forms v̂ from each rank's vocab rows, summed over TP.
+Credit methods (``credit_contract``). The actor imports no credit method: it records what the
+``Capture`` asks for, shows each ``HeadObserver`` a ``HeadView`` per micro-batch on the last pipeline
+stage (``h``, log-probs, top-K, the LM-head weight shard, process groups) from the same chunked
+vocab-parallel kernel that produces ``logp_old``, repeats forward-only passes while an observer asks
+for them, and in training reads the ``LossPlan``'s fields and selector.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from delta_megatron.actor.config import ActorConfig
 from delta_megatron.actor.microbatch import MicroBatch, build_microbatch, padded_row_length
 from delta_megatron.actor.optimizer import build_optimizer, wrap_ddp
 from delta_megatron.algo import PolicyLossInputs, policy_loss
 from delta_megatron.algo.aggregation import LossNormalizer
 from delta_megatron.batch import RolloutBatch, balanced_partition
-from delta_megatron.config import Config
-from delta_megatron.credit.delta import scope_group, topk_hidden_proxy
+from delta_megatron.credit_contract import Capture, HeadView, LossPlan
 from delta_megatron.models.gpt import (
     build_model_chunks,
     output_weight,
@@ -44,33 +41,9 @@ from delta_megatron.models.gpt import (
 from delta_megatron.ops.logprob import chunked_logprob_from_hidden
 from delta_megatron.parallel import Groups, get_groups
 
-# A per-micro-batch transform of the loss mask from the current forward (Forking Tokens):
-# (entropy [n], mask [n], cp_group) -> mask [n]
-MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Capture:
-    """What the old-log-prob pass records besides ``logp_old`` (from ``credit.needs``)."""
-
-    entropy: bool = False
-    delta: Any = None  # a DeltaCredit: its engine is fed h and logp inside the output layer
-
-
-@dataclass
-class LossPlan:
-    """What the train pass needs from credit assignment."""
-
-    advantage_field: str = "advantage_tokens"  # per-token advantages after credit transforms
-    weight_field: str | None = None  # per-token loss multiplier (DelTA λ̄ · counterfactual w)
-    mask_field: str | None = None  # per-token 0/1 loss mask (DelTA token selection)
-    microbatch_mask: MaskFn | None = None  # Forking Tokens on the current entropy
-    microbatch_count: Callable[[int], int] | None = None  # selected tokens of a micro-batch of n
-    objective: str = "policy"  # "policy" (RL loss of cfg.algo) or "sft" (token-mean NLL, warm-up)
-
 
 class MegatronActor:
-    def __init__(self, cfg: Config, groups: Groups | None = None, total_optimizer_steps: int | None = None):
+    def __init__(self, cfg: ActorConfig, groups: Groups | None = None, total_optimizer_steps: int | None = None):
         from megatron.core.distributed import finalize_model_grads
 
         self.cfg = cfg
@@ -185,7 +158,7 @@ class MegatronActor:
         return chunked_logprob_from_hidden(
             hidden.transpose(0, 1), output_weight(last), mb.targets.view(-1, 1).to(self.device),
             self.groups.tp, self.cfg.train.logprob_chunk_tokens,
-            temperature=self.cfg.rollout.temperature, vocab_size=self.cfg.model.vocab_size,
+            temperature=self.cfg.logprob_temperature, vocab_size=self.cfg.model.vocab_size,
             sequence_parallel=self.sp, with_entropy=with_entropy, top_k=top_k)
 
     def _logprobs(self, mb: MicroBatch, hidden: torch.Tensor, with_entropy: bool):
@@ -193,17 +166,6 @@ class MegatronActor:
         out = self._lm_head(mb, hidden, with_entropy)
         ent = out.entropy.view(-1) if out.entropy is not None else None
         return out.logp.view(-1), ent
-
-    def _topk_proxy(self, mb: MicroBatch, out) -> torch.Tensor:
-        """DelTA's top-K hidden-gradient proxy v̂ [S, d] for all rows of ``mb`` (§9.5): each TP rank
-        adds the terms of the vocab rows it owns, one all-reduce of the d-vectors over TP."""
-        weight = output_weight(unwrap(self.model[-1]))  # [V/TP, d] shard
-        k = out.topk_ids.shape[-1]
-        v = topk_hidden_proxy(weight, mb.targets.view(-1).to(self.device), out.topk_ids.reshape(-1, k),
-                              out.topk_logits.reshape(-1, k), vocab_start=self.groups.tp_rank * weight.shape[0])
-        if self.groups.tp_size > 1:
-            dist.all_reduce(v, group=self.groups.tp)
-        return v
 
     def _local_rows(self, mb: MicroBatch) -> slice:
         """Rows of ``h`` this rank holds: its sequence-parallel shard, or all of them."""
@@ -216,8 +178,10 @@ class MegatronActor:
     @torch.no_grad()
     def old_logprobs(self, batch: RolloutBatch, capture: Capture | None = None,
                      field: str = "logp_old") -> dict[str, float]:
-        """Adds ``logp_old`` (or ``field``; and ``entropy``, DelTA ``credit_delta``) token fields for
-        this rank's tokens. Returns DelTA metrics (empty without DelTA)."""
+        """Adds ``logp_old`` (or ``field``), ``owned`` (the tokens this rank computed: its train
+        shards' tokens), ``entropy`` when captured, and each observer's field. Observers see every
+        micro-batch on the last pipeline stage and may ask for further forward-only passes (DelTA's
+        moments / recompute modes). Returns the observers' metrics."""
         capture = capture or Capture()
         for chunk in self.model:
             chunk.eval()
@@ -225,68 +189,73 @@ class MegatronActor:
         # pass's, so the first mini-batch's ratio is exactly 1 (not 1 ± packing round-off)
         mbs = [mb for shard in self.local_shards(batch)
                for mb in self._microbatches(batch, shard, self.cfg.train.max_tokens_per_gpu_logprob)]
+        mb_ids = {id(mb): i for i, mb in enumerate(mbs)}
         logp = torch.zeros(batch.num_tokens)
+        owned = torch.zeros(batch.num_tokens, dtype=torch.bool)
         entropy = torch.zeros(batch.num_tokens) if capture.entropy else None
-        engine = None
-        top_k = 0
-        if capture.delta is not None and self.groups.is_last_stage:
-            if capture.delta.cfg.proxy == "topk_hidden":
-                top_k = capture.delta.cfg.topk_k
-            group = scope_group(capture.delta.cfg.scope, h_sequence_sharded=self.sp)
-            engine = capture.delta.engine(self.cfg.model.hidden_size, group, device=self.device)
-        adv_tokens = batch["advantage_tokens"] if engine is not None else None
-
-        def observe(p: int, mb_id: int, mb: MicroBatch, hidden: torch.Tensor, out) -> None:
-            rows = self._local_rows(mb)  # hidden: [1, S(/TP), d], this rank's rows
-            common = dict(adv=mb.gather(adv_tokens)[rows].to(self.device).float(),
-                          mask=mb.response[rows].to(self.device),
-                          token_ids=mb.target_index[rows])  # random controls: layout-invariant draws
-            if top_k:
-                engine.observe(p, mb_id, v=self._topk_proxy(mb, out)[rows].float(), **common)
-            else:
-                engine.observe(p, mb_id, h=hidden[0].float(), logp=out.logp.view(-1)[rows].float(), **common)
+        observers = list(capture.observers) if self.groups.is_last_stage else []
+        top_k = capture.topk if observers else 0
+        head_weight = output_weight(unwrap(self.model[-1])) if observers else None
+        for obs in observers:
+            obs.begin(batch, hidden_size=self.cfg.model.hidden_size, groups=self.groups,
+                      sequence_sharded=self.sp, device=self.device)
 
         def loss_fn(mb: MicroBatch, hidden: torch.Tensor, p: int = 0):
             out = self._lm_head(mb, hidden, capture.entropy and p == 0, top_k=top_k)
-            lp = out.logp.view(-1)
-            ent = out.entropy.view(-1) if out.entropy is not None else None
             if p == 0:
                 valid = mb.target_index >= 0
-                logp[mb.target_index[valid]] = lp.cpu()[valid]
+                logp[mb.target_index[valid]] = out.logp.view(-1).cpu()[valid]
+                owned[mb.target_index[valid]] = True
                 if entropy is not None:
-                    entropy[mb.target_index[valid]] = ent.cpu()[valid]
-            if engine is not None:
-                observe(p, mb_ids[id(mb)], mb, hidden, out)
+                    entropy[mb.target_index[valid]] = out.entropy.view(-1).cpu()[valid]
+            if observers:
+                view = self._head_view(p, mb_ids[id(mb)], mb, hidden, out, head_weight)
+                for obs in observers:
+                    obs.observe(view)
             return torch.zeros((), device=self.device), torch.tensor(0, dtype=torch.int), {}
 
-        mb_ids = {id(mb): i for i, mb in enumerate(mbs)}
-        metrics: dict[str, float] = {}
-        self._run(mbs, partial(_call_with_pass, loss_fn, 0), forward_only=True)
-        if engine is not None:
-            engine.end_pass(0)
-        for p in self._extra_passes(engine):
+        p = 0
+        while True:  # pass 0 is the log-prob pass itself; observers may ask for more
             self._run(mbs, partial(_call_with_pass, loss_fn, p), forward_only=True)
-            if engine is not None:
-                engine.end_pass(p)
-        credit = torch.zeros(batch.num_tokens) if capture.delta is not None else None
-        if engine is not None:
+            more = torch.tensor([int(any([obs.end_pass(p) for obs in observers]))], dtype=torch.long)
+            if not int(self._from_last_stage(more)[0]):  # the last stage decides for the pipeline
+                break
+            p += 1
+        values = {obs.field: torch.zeros(batch.num_tokens) for obs in capture.observers}
+        metrics: dict[str, float] = {}
+        for obs in observers:
             for i, mb in enumerate(mbs):
-                values = self._gather_tp_rows(mb, engine.values(i).float())
+                local = self._gather_tp_rows(mb, obs.values(i).float())
                 valid = mb.target_index >= 0
-                credit[mb.target_index[valid]] = values.cpu()[valid]
-            metrics = {f"credit/{k}": float(v) for k, v in engine.metrics.items()}
+                values[obs.field][mb.target_index[valid]] = local.cpu()[valid]
+            metrics.update(obs.metrics())
         if self.groups.pp_size > 1:  # every stage holds the fields: credit stages run on every rank
-            logp, entropy, credit = (None if t is None else self._from_last_stage(t)
-                                     for t in (logp, entropy, credit))
+            logp, entropy = (None if t is None else self._from_last_stage(t) for t in (logp, entropy))
+            owned = self._from_last_stage(owned.to(torch.uint8)).bool()
+            values = {k: self._from_last_stage(v) for k, v in values.items()}
             box = [metrics]
             dist.broadcast_object_list(box, src=self._last_stage_rank(), group=self.groups.pp)
             metrics = box[0]
         batch.add_token_field(field, logp, overwrite=True)
+        batch.add_token_field("owned", owned, overwrite=True)
         if entropy is not None:
             batch.add_token_field("entropy", entropy, overwrite=True)
-        if credit is not None:
-            batch.add_token_field("credit_delta", credit, overwrite=True)
+        for name, v in values.items():
+            batch.add_token_field(name, v, overwrite=True)
         return metrics
+
+    def _head_view(self, p: int, key: int, mb: MicroBatch, hidden: torch.Tensor, out,
+                   head_weight: torch.Tensor) -> HeadView:
+        """What an observer sees of one micro-batch (``hidden``: [1, S(/TP), d], this rank's rows)."""
+        k = out.topk_ids.shape[-1] if out.topk_ids is not None else 0
+        return HeadView(
+            pass_index=p, key=key, rows=self._local_rows(mb), hidden=hidden[0], logp=out.logp.view(-1),
+            entropy=None if out.entropy is None else out.entropy.view(-1),
+            topk_ids=out.topk_ids.reshape(-1, k) if k else None,
+            topk_logits=out.topk_logits.reshape(-1, k) if k else None,
+            targets=mb.targets.view(-1).to(self.device), token_index=mb.target_index,
+            response=mb.response.to(self.device), lm_head_weight=head_weight,
+            vocab_start=self.groups.tp_rank * head_weight.shape[0], groups=self.groups)
 
     @torch.no_grad()
     def score_sequences(self, seqs: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
@@ -321,19 +290,6 @@ class MegatronActor:
             dist.all_reduce(buf, group=self.groups.dp_cp)
             sums = buf.cpu()
         return sums
-
-    def _extra_passes(self, engine) -> Iterator[int]:
-        """Further forward-only passes the DelTA engine asks for (moments / recompute modes). The
-        last stage decides; the decision is broadcast over the pipeline so every stage runs them."""
-        p = 1
-        while True:
-            more = torch.tensor([0], dtype=torch.long)
-            if engine is not None:
-                more[0] = int(not engine.finished)
-            if not int(self._from_last_stage(more)[0]):
-                return
-            yield p
-            p += 1
 
     def _last_stage_rank(self) -> int:
         return dist.get_process_group_ranks(self.groups.pp)[-1]
@@ -386,7 +342,8 @@ class MegatronActor:
             fields = {name: batch[name] for name in ("logp_old", plan.advantage_field)}
         weight = batch[plan.weight_field] if plan.weight_field else None
         ref_logp = batch["logp_ref"] if self._reference is not None and plan.objective != "sft" else None
-        need_entropy = plan.microbatch_mask is not None
+        selector = plan.selector
+        need_entropy = selector is not None and selector.needs.current_entropy
         collected: list[dict] = []
 
         def loss_fn(mb: MicroBatch, hidden: torch.Tensor):
@@ -394,9 +351,10 @@ class MegatronActor:
             rows = (mb.response & (mb.target_index >= 0)).nonzero().flatten()
             idx = mb.target_index[rows]
             mask = loss_mask[idx].to(self.device)
-            if plan.microbatch_mask is not None:
+            if selector is not None:
                 cp = self.groups.cp if self.groups.cp_size > 1 else None  # CP shards select together
-                mask = plan.microbatch_mask(ent[rows.to(self.device)].detach(), mask, cp)
+                current = ent[rows.to(self.device)].detach() if need_entropy else None
+                mask = selector.select(current, mask, cp) & mask
             # sequences numbered by their place in the micro-batch: the same on every CP rank, even
             # for a sequence a rank holds no token of (GSPO all-reduces per-sequence sums over CP)
             seqs = torch.tensor(mb.samples, dtype=torch.long)
@@ -435,19 +393,18 @@ class MegatronActor:
     def _normalizer(self, batch: RolloutBatch, mini: list[int], mbs: list[MicroBatch],
                     loss_mask: torch.Tensor, plan: LossPlan) -> LossNormalizer:
         """Mini-batch totals over all DP ranks (forking: Σ of selected counts per micro-batch)."""
-        if plan.microbatch_count is not None:
+        if plan.selector is not None:
             valid = torch.tensor([float(loss_mask[mb.target_index[mb.response]].sum()) for mb in mbs],
                                  dtype=torch.float64, device=self.device)
             if self.groups.cp_size > 1 and mbs:  # a micro-batch's tokens are spread over its CP ranks
                 dist.all_reduce(valid, group=self.groups.cp)
-            local = sum(plan.microbatch_count(int(n)) for n in valid.tolist())
+            local = sum(plan.selector.count(int(n)) for n in valid.tolist())
             count = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
             dist.all_reduce(count, group=self.groups.dp)
             num_tokens = float(count[0])
         else:
             num_tokens = float(loss_mask[batch.token_indices(mini)].sum())
-        const = self.cfg.algo.loss_const or float(self.cfg.rollout.max_new_tokens)
-        return LossNormalizer(num_tokens, float(len(mini)), const, self.cfg.algo.const_times_seqs)
+        return LossNormalizer(num_tokens, float(len(mini)), self.cfg.loss_const, self.cfg.algo.const_times_seqs)
 
     def _reduce_metrics(self, collected: list[dict]) -> dict[str, float]:
         """Metric shares summed over micro-batches and DP×CP ranks; sent from the last stage."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from delta_megatron.config import ModelConfig, ParallelConfig, TrainConfig
+from delta_megatron.actor.config import TrainConfig
+from delta_megatron.models.config import ModelConfig
+from delta_megatron.parallel import ParallelConfig
 
 
 def wrap_ddp(chunks: list, parallel: ParallelConfig) -> list:

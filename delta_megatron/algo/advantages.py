@@ -7,9 +7,11 @@ eps 1e-6, a group of one gets mean 0 and std 1).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+
+from delta_megatron.utils.registry import Registry
+
+ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
 
 
 def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor, unbiased: bool):
@@ -29,6 +31,7 @@ def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor, unbiased: bool)
     return mean[inverse], std[inverse], size[inverse]
 
 
+@ADVANTAGE_ESTIMATORS.register("grpo")
 def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6,
                     std: str = "unbiased", norm_by_std: bool = True) -> torch.Tensor:
     """A_i = (R_i − mean_g R) / (std_g R + eps) (DeepSeekMath; verl ``grpo``)."""
@@ -39,12 +42,14 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float =
     return adv.to(torch.float32)
 
 
+@ADVANTAGE_ESTIMATORS.register("drgrpo")
 def drgrpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6,
                       std: str = "unbiased", norm_by_std: bool = False) -> torch.Tensor:
     """Dr.GRPO: A_i = R_i − mean_g R (no std normalisation, baselines.md §2)."""
     return grpo_advantages(rewards, group_ids, eps, std, norm_by_std=norm_by_std)
 
 
+@ADVANTAGE_ESTIMATORS.register("rloo")
 def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6,
                     std: str = "unbiased", norm_by_std: bool = False) -> torch.Tensor:
     """RLOO: A_i = R_i − mean_{j≠i} R_j = G/(G−1)·(R_i − mean_g R); a group of one keeps A_i = R_i."""
@@ -52,10 +57,3 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float =
     r = rewards.to(torch.float64)
     scale = torch.where(size > 1, size / (size - 1).clamp(min=1), torch.ones_like(size))
     return (scale * (r - mean)).to(torch.float32)
-
-
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
-    "grpo": grpo_advantages,
-    "drgrpo": drgrpo_advantages,
-    "rloo": rloo_advantages,
-}

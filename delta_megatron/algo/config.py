@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from delta_megatron.algo.advantages import ADVANTAGE_ESTIMATORS
 from delta_megatron.algo.dynamic_sampling import DynamicSamplingConfig
 from delta_megatron.algo.fipo import FIPOConfig
 from delta_megatron.algo.gspo import GSPOConfig
+from delta_megatron.algo.loss_api import POLICY_LOSSES
 from delta_megatron.algo.overlong import OverlongConfig
 from delta_megatron.algo.sapo import SAPOConfig
 from delta_megatron.utils.configs import check_range, fail
@@ -15,18 +17,20 @@ from delta_megatron.utils.configs import check_range, fail
 
 @dataclass
 class AdvantageConfig:
-    estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    estimator: str = "grpo"  # a registered estimator: grpo, drgrpo, rloo
     std: Literal["unbiased", "population"] = "unbiased"
     eps: float = 1e-6
     norm_by_std: bool | None = None  # default: True for grpo, False for drgrpo/rloo
 
     def validate(self) -> None:
+        if self.estimator not in ADVANTAGE_ESTIMATORS:
+            fail("estimator", self.estimator, ADVANTAGE_ESTIMATORS.unknown(self.estimator))
         check_range("eps", self.eps, 0, None)
 
 
 @dataclass
 class LossConfig:
-    name: Literal["ppo", "gspo", "sapo", "fipo"] = "ppo"
+    name: str = "ppo"  # a registered policy loss: ppo, gspo, sapo, fipo
     clip_low: float = 0.2
     clip_high: float = 0.28
     dual_clip_c: float | None = 10.0  # null disables the dual clip
@@ -35,6 +39,8 @@ class LossConfig:
     fipo: FIPOConfig = field(default_factory=FIPOConfig)
 
     def validate(self) -> None:
+        if self.name not in POLICY_LOSSES:
+            fail("name", self.name, POLICY_LOSSES.unknown(self.name))
         check_range("clip_low", self.clip_low, 0, 1, hi_open=True)
         check_range("clip_high", self.clip_high, 0, None)
         if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from delta_megatron.algo.ppo_clip import TokenLoss, log_ratio, ppo_clip_from_ratio
+from delta_megatron.algo.loss_api import POLICY_LOSSES, PolicyLossInputs, TokenLoss
+from delta_megatron.algo.ppo_clip import log_ratio, ppo_clip_from_ratio
 from delta_megatron.utils.configs import fail
 
 
@@ -134,3 +135,13 @@ def fipo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tens
             dist.all_reduce(hits, group=cp_group)  # a response's hits may sit on several CP ranks
         keep = mask & (hits[seq_index] <= 1)
     return out, keep
+
+
+@POLICY_LOSSES.register("fipo")
+def _fipo(cfg, inp: PolicyLossInputs) -> tuple[TokenLoss, torch.Tensor]:
+    if inp.cp_group is not None and inp.token_index is None:
+        raise ValueError("FIPO under context parallelism needs PolicyLossInputs.token_index "
+                         "(the future-KL suffix sum crosses CP chunks)")
+    return fipo_loss(inp.logp, inp.logp_old, inp.advantages, inp.mask, inp.seq_index, inp.num_seqs, cfg.fipo,
+                     cfg.clip_low, cfg.clip_high, cfg.dual_clip_c, cp_group=inp.cp_group,
+                     token_index=inp.token_index)

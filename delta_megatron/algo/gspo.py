@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from delta_megatron.algo.ppo_clip import TokenLoss, ppo_clip_from_ratio
+from delta_megatron.algo.loss_api import POLICY_LOSSES, PolicyLossInputs, TokenLoss
+from delta_megatron.algo.ppo_clip import ppo_clip_from_ratio
 from delta_megatron.utils.configs import check_range
 
 
@@ -40,3 +41,9 @@ def gspo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tens
     log_s = torch.clamp(sums / counts.clamp(min=1), max=10.0).to(logp.dtype)[seq_index]
     ratio = torch.exp(log_s + logp - logp.detach())  # value s_i, gradient s_i ∇logπ
     return ppo_clip_from_ratio(ratio, advantages, clip_low, clip_high, dual_clip_c=None)
+
+
+@POLICY_LOSSES.register("gspo")
+def _gspo(cfg, inp: PolicyLossInputs) -> tuple[TokenLoss, torch.Tensor]:
+    return gspo_loss(inp.logp, inp.logp_old, inp.advantages, inp.mask, inp.seq_index, inp.num_seqs,
+                     cfg.gspo.clip_low, cfg.gspo.clip_high, inp.cp_group), inp.mask

@@ -12,63 +12,17 @@ equals scaling the advantage for PPO-clip, dual clip, SAPO and FIPO (baselines.m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from delta_megatron.algo.aggregation import LossNormalizer, aggregation_weights
+from delta_megatron.algo.aggregation import aggregation_weights
 from delta_megatron.algo.config import AlgoConfig
-from delta_megatron.algo.fipo import fipo_loss
-from delta_megatron.algo.gspo import gspo_loss
 from delta_megatron.algo.kl import kl_penalty
-from delta_megatron.algo.ppo_clip import ppo_clip_loss
-from delta_megatron.algo.sapo import sapo_loss
-
-
-@dataclass
-class PolicyLossInputs:
-    logp: torch.Tensor  # [tokens] current log p(y_t), requires grad
-    logp_old: torch.Tensor  # [tokens]
-    advantages: torch.Tensor  # [tokens] (after additive/multiplicative credit transforms)
-    mask: torch.Tensor  # [tokens] bool
-    # [tokens] long, sequence index 0..num_seqs-1; under CP it must number the micro-batch's sequences
-    # identically on every CP rank (GSPO all-reduces per-sequence sums), even for sequences a rank
-    # holds no token of
-    seq_index: torch.Tensor
-    seq_lengths: torch.Tensor  # [num_seqs] valid tokens of each whole response
-    num_seqs: int
-    normalizer: LossNormalizer
-    token_weight: torch.Tensor | None = None  # [tokens] credit multiplier (λ̄, w), > 0
-    ref_logp: torch.Tensor | None = None  # [tokens] for a KL loss
-    cp_group: object = None  # context-parallel group for sequence-level reductions (GSPO, FIPO)
-    # [tokens] long, the tokens' global order (e.g. their index in the rollout batch): FIPO under CP
-    # rebuilds each response's token order from it across the CP ranks
-    token_index: torch.Tensor | None = None
+from delta_megatron.algo.loss_api import POLICY_LOSSES, PolicyLossInputs
 
 
 def policy_loss(cfg: AlgoConfig, inp: PolicyLossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns (loss share of this micro-batch, metric shares). Metrics are detached tensors."""
-    loss_cfg = cfg.loss
-    mask = inp.mask
-    if loss_cfg.name == "ppo":
-        out = ppo_clip_loss(inp.logp, inp.logp_old, inp.advantages, loss_cfg.clip_low,
-                            loss_cfg.clip_high, loss_cfg.dual_clip_c)
-    elif loss_cfg.name == "gspo":
-        out = gspo_loss(inp.logp, inp.logp_old, inp.advantages, mask, inp.seq_index, inp.num_seqs,
-                        loss_cfg.gspo.clip_low, loss_cfg.gspo.clip_high, inp.cp_group)
-    elif loss_cfg.name == "sapo":
-        out = sapo_loss(inp.logp, inp.logp_old, inp.advantages, loss_cfg.sapo.tau_pos,
-                        loss_cfg.sapo.tau_neg)
-    elif loss_cfg.name == "fipo":
-        if inp.cp_group is not None and inp.token_index is None:
-            raise ValueError("FIPO under context parallelism needs PolicyLossInputs.token_index "
-                             "(the future-KL suffix sum crosses CP chunks)")
-        out, mask = fipo_loss(inp.logp, inp.logp_old, inp.advantages, mask, inp.seq_index,
-                              inp.num_seqs, loss_cfg.fipo, loss_cfg.clip_low, loss_cfg.clip_high,
-                              loss_cfg.dual_clip_c, cp_group=inp.cp_group, token_index=inp.token_index)
-    else:
-        raise ValueError(f"unknown policy loss {loss_cfg.name!r}")
-
+    out, mask = POLICY_LOSSES.get(cfg.loss.name)(cfg.loss, inp)
     coef = aggregation_weights(cfg.resolved_aggregation, mask, inp.seq_index, inp.seq_lengths,
                                inp.normalizer)
     token_loss = out.loss if inp.token_weight is None else out.loss * inp.token_weight

@@ -7,19 +7,9 @@ the dual-clip bound has zero gradient; those flags feed the clip-fraction metric
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class TokenLoss:
-    """Per-token policy loss and diagnostics (all ``[tokens]``)."""
-
-    loss: torch.Tensor
-    clipped: torch.Tensor  # bool: ratio clip active (zero gradient)
-    dual_clipped: torch.Tensor  # bool: dual-clip bound active (zero gradient)
-    ratio: torch.Tensor  # detached ratio used by the loss
+from delta_megatron.algo.loss_api import POLICY_LOSSES, PolicyLossInputs, TokenLoss
 
 
 def log_ratio(logp: torch.Tensor, logp_old: torch.Tensor) -> torch.Tensor:
@@ -46,3 +36,9 @@ def ppo_clip_from_ratio(ratio: torch.Tensor, advantages: torch.Tensor, clip_low:
         dual = (advantages < 0) & (loss > bound)
         loss = torch.where(dual, bound, loss)
     return TokenLoss(loss=loss, clipped=clipped & ~dual, dual_clipped=dual, ratio=ratio.detach())
+
+
+@POLICY_LOSSES.register("ppo")
+def _ppo(cfg, inp: PolicyLossInputs) -> tuple[TokenLoss, torch.Tensor]:
+    return ppo_clip_loss(inp.logp, inp.logp_old, inp.advantages, cfg.clip_low, cfg.clip_high,
+                         cfg.dual_clip_c), inp.mask

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from delta_megatron.algo.ppo_clip import TokenLoss, log_ratio
+from delta_megatron.algo.loss_api import POLICY_LOSSES, PolicyLossInputs, TokenLoss
+from delta_megatron.algo.ppo_clip import log_ratio
 from delta_megatron.utils.configs import check_range
 
 
@@ -36,3 +37,8 @@ def sapo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tens
     loss = -sapo_gate(ratio, advantages, tau_pos, tau_neg) * advantages
     none = torch.zeros_like(ratio, dtype=torch.bool)
     return TokenLoss(loss=loss, clipped=none, dual_clipped=none, ratio=ratio.detach())
+
+
+@POLICY_LOSSES.register("sapo")
+def _sapo(cfg, inp: PolicyLossInputs) -> tuple[TokenLoss, torch.Tensor]:
+    return sapo_loss(inp.logp, inp.logp_old, inp.advantages, cfg.sapo.tau_pos, cfg.sapo.tau_neg), inp.mask

@@ -16,19 +16,17 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from delta_megatron.credit_contract import CreditNeeds
+from delta_megatron.utils.registry import Registry
+
+__all__ = ["CREDIT_METHODS", "CreditContext", "CreditInputs", "CreditNeeds", "CreditOutput", "CreditTarget",
+           "ScoreFn", "TARGET_ORDER", "TokenCredit", "build_method"]
+
 CreditTarget = Literal["advantage_add", "advantage_scale", "loss_weight", "loss_mask"]
+TARGET_ORDER: tuple[str, ...] = ("advantage_add", "advantage_scale", "loss_weight", "loss_mask")  # §12
 
-
-@dataclass(frozen=True)
-class CreditNeeds:
-    """What the actor must capture in the old-log-prob pass for this method."""
-
-    hidden: bool = False  # LM-head input h_t (post final norm)           [tokens, d]
-    logp: bool = False  # old-policy log p(y_t)                            [tokens]
-    entropy: bool = False  # full-vocabulary entropy at the position of y_t [tokens]
-    current_entropy: bool = False  # entropy of the *training* forward (Forking Tokens)
-    extra_forward: bool = False  # needs no-grad re-scoring forwards (counterfactual spans)
-    topk: int = 0  # top-k logits/ids per token (hidden-gradient proxy)
+CREDIT_METHODS: Registry = Registry("credit method")
+"""``@CREDIT_METHODS.register("name")`` above a TokenCredit class; ``credit.<name>`` is its config."""
 
 
 @dataclass
@@ -61,11 +59,24 @@ class CreditOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class CreditContext:
+    """What a method may use besides its own config, built once by the trainer."""
+
+    decode: Callable[[list[int]], list[str]] | None = None  # token ids → per-token strings
+
+
 @runtime_checkable
 class TokenCredit(Protocol):
-    """A credit method. ``assign`` is called once per rollout batch (after advantages) unless the
-    method is per-micro-batch (``per_microbatch``), in which case the actor calls it in the train
-    forward with the current entropies."""
+    """A credit method, read by the pipeline through its declarations:
+
+    * ``needs`` — what the actor captures for it (``hidden``: the method returns a ``HeadObserver``
+      from ``observer()``, whose field holds its values; ``extra_forward``: ``assign`` gets a
+      ``score_fn`` in ``inputs.extra``);
+    * ``target`` — where its values apply (composition order ``TARGET_ORDER``, baselines.md §12);
+    * ``per_microbatch`` — the method is a ``MicroBatchSelector`` the train pass calls with the current
+      forward's entropies (Forking Tokens) instead of a once-per-batch ``assign``.
+    """
 
     needs: CreditNeeds
     target: CreditTarget
@@ -78,3 +89,11 @@ class TokenCredit(Protocol):
 # sequences and boolean ``score_mask``s over the same positions, return per sequence the sum of
 # log p(y_t | y_<t) over the *target* positions t marked in its mask.
 ScoreFn = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
+
+
+def build_method(name: str, cfg: Any, context: CreditContext | None = None) -> TokenCredit:
+    """The registered method ``name`` with its config section (``build(cfg, context)`` when the class
+    needs the context, else ``cls(cfg)``)."""
+    cls = CREDIT_METHODS.get(name)
+    build = getattr(cls, "build", None)
+    return build(cfg, context or CreditContext()) if build is not None else cls(cfg)

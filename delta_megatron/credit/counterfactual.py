@@ -38,9 +38,17 @@ from typing import Any, Literal
 
 import torch
 
-from delta_megatron.credit.base import CreditInputs, CreditNeeds, CreditOutput, CreditTarget, ScoreFn
+from delta_megatron.credit.base import (
+    CREDIT_METHODS,
+    CreditContext,
+    CreditInputs,
+    CreditNeeds,
+    CreditOutput,
+    CreditTarget,
+    ScoreFn,
+)
 from delta_megatron.credit.spans import SpanLayout, detect_spans, formatting_mask
-from delta_megatron.utils.configs import check_range, fail
+from delta_megatron.utils.configs import check_range, fail, validate
 
 EXTRA_SCORE_FN = "score_fn"
 EXTRA_PROMPT_IDS = "prompt_ids"
@@ -157,6 +165,7 @@ def tokenizer_decoder(tokenizer: Any) -> Callable[[list[int]], list[str]]:
     return lambda ids: [tokenizer.decode([i]) for i in ids]
 
 
+@CREDIT_METHODS.register("counterfactual")
 class CounterfactualCredit:
     """TokenCredit for §10: per-token loss weights from counterfactual span masking."""
 
@@ -166,10 +175,14 @@ class CounterfactualCredit:
     def __init__(self, cfg: CounterfactualConfig | None = None,
                  decode: Callable[[list[int]], list[str]] | None = None):
         self.cfg = cfg or CounterfactualConfig()
-        self.cfg.validate()
+        validate(self.cfg, "credit.counterfactual")
         self.decode = decode
         self.needs = CreditNeeds(extra_forward=True)
         self._rng = torch.Generator().manual_seed(self.cfg.seed)
+
+    @classmethod
+    def build(cls, cfg: CounterfactualConfig, context: CreditContext) -> CounterfactualCredit:
+        return cls(cfg, decode=context.decode)
 
     # -- one completion --------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ the single-process reference and the sharded production path:
 Data passes include the old-log-prob pass itself, so the extra transformer forwards are 0 (cache:
 ``v`` is kept and the remaining passes run internally), K+1 (moments: γ^(0) from per-side first and
 second moments, §9.3) and K+2 (recompute, the paper's count, §7.3). Recompute passes must reproduce
-the same ``h``/``logp`` (deterministic no-grad forwards). ``delta_reference`` is the literal §6.1
-algorithm with explicit two-distance margins; the tests hold the engine to it.
+the same ``h``/``logp`` (deterministic no-grad forwards). ``tests/oracles/delta_reference.py`` is the
+literal §6.1 algorithm with explicit two-distance margins; the tests hold the engine to it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from delta_megatron.credit.base import CreditInputs, CreditNeeds, CreditOutput
-from delta_megatron.credit.delta_reference import delta_reference  # noqa: F401 (re-exported)
+from delta_megatron.credit.base import CREDIT_METHODS, CreditInputs, CreditNeeds, CreditOutput
+from delta_megatron.credit.delta_head import DeltaHeadObserver
 from delta_megatron.credit.delta_stats import (
     Chunk,
     FlatStats,
@@ -49,7 +49,7 @@ from delta_megatron.credit.delta_stats import (
 )
 from delta_megatron.utils.configs import fail, validate
 
-__all__ = ["DeltaConfig", "DeltaCredit", "DeltaEngine", "DeltaState", "delta_reference", "margin",
+__all__ = ["DeltaConfig", "DeltaCredit", "DeltaEngine", "DeltaState", "margin",
            "output_row_proxy", "scope_group", "topk_hidden_proxy", "topk_logits_from_hidden"]
 MODES = ("cache", "moments", "recompute")
 SELECTIONS = ("none", "top50", "bottom50", "random50")
@@ -473,12 +473,14 @@ class DeltaEngine:
 
 # ------------------------------------------------------------------------- TokenCredit
 
+@CREDIT_METHODS.register("delta")
 class DeltaCredit:
     """DelTA as a ``TokenCredit``: λ̄ as a per-token loss weight (or a loss mask for ``selection``),
     computed once per rollout batch and frozen for all its PPO mini-batches (§6).
 
-    The actor drives ``engine(...)`` over its micro-batches; ``assign`` runs the engine over one flat
-    chunk for convenience. ``state`` (frozen γ, counters) persists across batches and checkpoints.
+    In training the actor drives the engine through ``observer()`` inside its output layer;
+    ``assign`` runs the engine over one flat chunk (the single-process path). ``state`` (frozen γ,
+    counters) persists across batches and checkpoints.
     """
 
     Config = DeltaConfig
@@ -491,6 +493,10 @@ class DeltaCredit:
         self.needs = CreditNeeds(hidden=True, logp=not topk, topk=self.cfg.topk_k if topk else 0)
         self.target = "loss_mask" if self.cfg.selection != "none" else "loss_weight"
         self.state = DeltaState()
+
+    def observer(self) -> DeltaHeadObserver:
+        """A fresh LM-head observer for the next rollout batch (needs.hidden)."""
+        return DeltaHeadObserver(self)
 
     def process_group(self, *, h_sequence_sharded: bool) -> Any:
         """The group to reduce over for ``cfg.scope`` (megatron parallel_state; see ``scope_group``)."""

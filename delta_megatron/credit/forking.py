@@ -25,8 +25,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from delta_megatron.credit.base import CreditInputs, CreditNeeds, CreditOutput, CreditTarget
-from delta_megatron.utils.configs import check_range, fail
+from delta_megatron.credit.base import CREDIT_METHODS, CreditInputs, CreditNeeds, CreditOutput, CreditTarget
+from delta_megatron.utils.configs import check_range, fail, validate
 
 
 @dataclass
@@ -90,6 +90,7 @@ def top_entropy_mask(entropy: torch.Tensor, valid: torch.Tensor, rho: float, gro
     return mask, k, n, threshold
 
 
+@CREDIT_METHODS.register("forking")
 class ForkingCredit:
     """TokenCredit for §7: a 0/1 loss mask (target ``loss_mask``) from the current forward's entropy."""
 
@@ -98,8 +99,16 @@ class ForkingCredit:
 
     def __init__(self, cfg: ForkingConfig | None = None):
         self.cfg = cfg or ForkingConfig()
-        self.cfg.validate()
+        validate(self.cfg, "credit.forking")
         self.needs = CreditNeeds(current_entropy=True)
+
+    def select(self, entropy: torch.Tensor, mask: torch.Tensor, group: Any = None) -> torch.Tensor:
+        """MicroBatchSelector: the top-ρ tokens of ``mask`` by the current forward's entropy."""
+        return top_entropy_mask(entropy, mask, self.cfg.rho, group)[0]
+
+    def count(self, n_valid: int) -> int:
+        """MicroBatchSelector: the micro-batch's share of the loss normaliser."""
+        return self.normaliser(n_valid)
 
     def normaliser(self, n_valid: int) -> int:
         """Token count the loss divides by for a selection scope holding ``n_valid`` valid tokens."""

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 import torch
 
-from delta_megatron.credit.base import CreditInputs, CreditNeeds, CreditOutput, CreditTarget
-from delta_megatron.utils.configs import check_range, fail
+from delta_megatron.credit.base import CREDIT_METHODS, CreditInputs, CreditNeeds, CreditOutput, CreditTarget
+from delta_megatron.utils.configs import check_range, fail, validate
 
 QWEN_ENDOFTEXT = 151643
 
@@ -254,6 +254,7 @@ def key_token_table(token_ids: torch.Tensor, seq_index: torch.Tensor, mask: torc
     return result, token_pair
 
 
+@CREDIT_METHODS.register("ktae")
 class KTAECredit:
     """TokenCredit for §8: per-token additive advantage kv_g(y_t) (target ``advantage_add``)."""
 
@@ -262,7 +263,7 @@ class KTAECredit:
 
     def __init__(self, cfg: KTAEConfig | None = None):
         self.cfg = cfg or KTAEConfig()
-        self.cfg.validate()
+        validate(self.cfg, "credit.ktae")
         self.needs = CreditNeeds()  # token ids, mask, rewards and groups only
 
     def table(self, inputs: CreditInputs) -> tuple[KeyTokenTable, torch.Tensor]:

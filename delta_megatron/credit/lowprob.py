@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import torch
 
-from delta_megatron.credit.base import CreditInputs, CreditNeeds, CreditOutput, CreditTarget
-from delta_megatron.utils.configs import check_range, fail
+from delta_megatron.credit.base import CREDIT_METHODS, CreditInputs, CreditNeeds, CreditOutput, CreditTarget
+from delta_megatron.utils.configs import check_range, fail, validate
 
 LOWPROB_VARIANTS = ("reshape_reversed", "reshape", "middle", "normalize")
 
@@ -62,6 +62,7 @@ def lowprob_weight(pi_old: torch.Tensor, alpha: float, variant: str = "reshape_r
     raise ValueError(f"unknown low-prob variant {variant!r}; allowed: {LOWPROB_VARIANTS}")
 
 
+@CREDIT_METHODS.register("lowprob")
 class LowProbCredit:
     """TokenCredit for §9.2: ``values`` multiply the advantage (target ``advantage_scale``)."""
 
@@ -70,7 +71,7 @@ class LowProbCredit:
 
     def __init__(self, cfg: LowProbConfig | None = None):
         self.cfg = cfg or LowProbConfig()
-        self.cfg.validate()
+        validate(self.cfg, "credit.lowprob")
         self.needs = CreditNeeds(logp=True)
 
     def assign(self, inputs: CreditInputs, group: Any = None) -> CreditOutput:

@@ -1,117 +1,115 @@
-"""The credit stage of a training step: configured methods composed in baselines.md §12 order.
+"""The credit stage of a training step: the configured methods composed by their declared target.
 
-1. additive advantage transforms (KTAE) — before anything else, since they can flip a token's sign;
-2. multiplicative advantage modifiers (low-probability re-weighting);
-3. per-token loss weights (DelTA λ̄, counterfactual w) and loss masks (DelTA token selection);
-4. per-micro-batch masks from the current forward (Forking Tokens), applied by the actor.
+Order (baselines.md §12, ``TARGET_ORDER``): additive advantage transforms (KTAE) first, since they can
+flip a token's sign; then multiplicative advantage modifiers (low-probability re-weighting); then
+per-token loss weights (DelTA λ̄, counterfactual w, multiplied) and loss masks (DelTA token
+selection); per-micro-batch selectors (Forking Tokens) run in the train pass on the current
+entropies. Methods of the same target keep their order in ``credit.methods``.
 
-DelTA needs the LM-head input ``h``, so the actor runs its engine inside the old-log-prob pass
-(:meth:`capture`); this stage then only combines what is already in the batch. The trainer loop
-stays free of ``if method == ...``: it asks for a capture, runs the pass, and hands the resulting
-:class:`~delta_megatron.actor.megatron_actor.LossPlan` to the train pass.
+The pipeline reads each method's declarations (``needs``, ``target``, ``per_microbatch``): the union of
+the needs is the actor's ``Capture``; a method that needs ``hidden`` contributes a ``HeadObserver``,
+whose values the old-log-prob pass leaves in the batch; a method that needs ``extra_forward`` gets
+``score_fn``. The trainer loop stays free of ``if method == ...``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from delta_megatron.batch import RolloutBatch
-from delta_megatron.credit.base import CreditInputs
+from delta_megatron.credit.base import (
+    TARGET_ORDER,
+    CreditContext,
+    CreditInputs,
+    CreditOutput,
+    ScoreFn,
+    build_method,
+)
 from delta_megatron.credit.config import CreditConfig
-from delta_megatron.credit.counterfactual import CounterfactualCredit
-from delta_megatron.credit.delta import DeltaCredit
-from delta_megatron.credit.forking import ForkingCredit, top_entropy_mask
-from delta_megatron.credit.ktae import KTAECredit
-from delta_megatron.credit.lowprob import LowProbCredit
+from delta_megatron.credit_contract import Capture, LossPlan
 
 
 class CreditPipeline:
-    def __init__(self, cfg: CreditConfig, decode: Callable[[list[int]], list[str]] | None = None):
+    def __init__(self, cfg: CreditConfig, context: CreditContext | None = None):
         self.cfg = cfg
-        names = set(cfg.methods)
-        self.delta = DeltaCredit(cfg.delta) if "delta" in names else None
-        self.ktae = KTAECredit(cfg.ktae) if "ktae" in names else None
-        self.lowprob = LowProbCredit(cfg.lowprob) if "lowprob" in names else None
-        self.forking = ForkingCredit(cfg.forking) if "forking" in names else None
-        self.counterfactual = CounterfactualCredit(cfg.counterfactual, decode=decode) \
-            if "counterfactual" in names else None
+        self.methods = {name: build_method(name, getattr(cfg, name), context) for name in cfg.methods}
+        per_batch = [n for n, m in self.methods.items() if not m.per_microbatch]
+        self.order = sorted(per_batch, key=lambda n: TARGET_ORDER.index(self.methods[n].target))
+        self.selectors = [m for m in self.methods.values() if m.per_microbatch]
+        self._observers: dict[str, Any] = {}
 
-    def capture(self):
-        """What the old-log-prob pass must record."""
-        from delta_megatron.actor.megatron_actor import Capture
+    def capture(self, entropy: bool = False) -> Capture:
+        """What the old-log-prob pass must record: the union of the methods' needs, with fresh
+        observers for the methods that read the LM head (``entropy``: wanted by the caller too)."""
+        self._observers = {n: m.observer() for n, m in self.methods.items() if m.needs.hidden}
+        return Capture.union([m.needs for m in self.methods.values()], self._observers.values(), entropy=entropy)
 
-        return Capture(entropy=True, delta=self.delta)
-
-    def assign(self, batch: RolloutBatch, score_fn: Any = None) -> tuple[Any, dict[str, float]]:
+    def assign(self, batch: RolloutBatch, score_fn: ScoreFn | None = None) -> tuple[LossPlan, dict[str, float]]:
         """Adds ``advantage_final`` (and ``credit_weight`` / ``credit_mask``) token fields; returns the
         actor's LossPlan and metrics. ``score_fn`` runs no-grad forwards (counterfactual spans)."""
-        from delta_megatron.actor.megatron_actor import LossPlan
-
         metrics: dict[str, float] = {}
         resp = batch.response_mask
         adv = batch["advantage_tokens"].clone().float()
-        inputs = self._inputs(batch, adv)
-        if self.ktae is not None:
-            out = self.ktae.assign(inputs)
-            adv[resp] += out.values.float()
-            metrics.update(_prefixed("ktae", out.metrics))
-        if self.lowprob is not None:
-            out = self.lowprob.assign(self._inputs(batch, adv))
-            adv[resp] *= out.values.float()
-            metrics.update(_prefixed("lowprob", out.metrics))
+        weight = mask = None
+        for name in self.order:
+            method = self.methods[name]
+            out = self._output(name, method, batch, adv, score_fn)
+            metrics.update(_prefixed(name, out.metrics))
+            if out.target == "advantage_add":
+                adv[resp] += out.values.float()
+            elif out.target == "advantage_scale":
+                adv[resp] *= out.values.float()
+            elif out.target == "loss_weight":
+                weight = torch.ones(batch.num_tokens) if weight is None else weight
+                weight[resp] *= out.values.float()
+            else:  # loss_mask
+                mask = torch.ones(batch.num_tokens, dtype=torch.bool) if mask is None else mask
+                mask[resp] &= out.values.bool()
         batch.add_token_field("advantage_final", adv, overwrite=True)
-
-        weight = None
-        mask_field = None
-        if self.delta is not None:
-            if self.delta.target == "loss_mask":
-                batch.add_token_field("credit_mask", batch["credit_delta"] > 0, overwrite=True)
-                mask_field = "credit_mask"
-            else:
-                weight = batch["credit_delta"].clone()
-        if self.counterfactual is not None:
-            cf_inputs = self._inputs(batch, adv)
-            cf_inputs.extra["score_fn"] = score_fn
-            cf_inputs.extra["prompt_ids"] = [batch.tokens[int(s):int(s) + int(p)] for s, p in
-                                             zip(batch.cu_seqlens[:-1], batch.prompt_lens)]
-            out = self.counterfactual.assign(cf_inputs)
-            cf = torch.ones(batch.num_tokens)
-            cf[resp] = out.values.float()
-            weight = cf if weight is None else weight * cf
-            metrics.update(_prefixed("counterfactual", out.metrics))
         if weight is not None:
             batch.add_token_field("credit_weight", weight, overwrite=True)
-
+        if mask is not None:
+            batch.add_token_field("credit_mask", mask, overwrite=True)
         plan = LossPlan(advantage_field="advantage_final",
                         weight_field="credit_weight" if weight is not None else None,
-                        mask_field=mask_field)
-        if self.forking is not None:
-            rho = self.forking.cfg.rho
-            plan.microbatch_mask = lambda entropy, mask, group=None: \
-                top_entropy_mask(entropy, mask, rho, group)[0] & mask
-            plan.microbatch_count = self.forking.normaliser
+                        mask_field="credit_mask" if mask is not None else None,
+                        selector=self.selectors[0] if self.selectors else None)
         return plan, metrics
 
+    def _output(self, name: str, method: Any, batch: RolloutBatch, adv: torch.Tensor,
+                score_fn: ScoreFn | None) -> CreditOutput:
+        resp = batch.response_mask
+        if name in self._observers:  # computed inside the old-log-prob pass
+            return CreditOutput(method.target, batch[self._observers[name].field][resp])
+        inputs = self._inputs(batch, adv, method.needs)
+        if method.needs.extra_forward:
+            if score_fn is None:
+                raise ValueError(f"credit method {name!r} needs scoring forwards: pass score_fn")
+            inputs.extra["score_fn"] = score_fn
+            inputs.extra["prompt_ids"] = [batch.tokens[int(s):int(s) + int(p)] for s, p in
+                                          zip(batch.cu_seqlens[:-1], batch.prompt_lens)]
+        return method.assign(inputs)
+
     @staticmethod
-    def _inputs(batch: RolloutBatch, adv: torch.Tensor) -> CreditInputs:
+    def _inputs(batch: RolloutBatch, adv: torch.Tensor, needs: Any) -> CreditInputs:
         """Flat response-token view of the batch (every rank holds the whole batch)."""
         resp = batch.response_mask
-        logp = batch["logp_old"][resp] if "logp_old" in batch else None
         return CreditInputs(
             advantages=adv[resp], mask=torch.ones(int(resp.sum()), dtype=torch.bool),
-            seq_index=batch.seq_index[resp], token_ids=batch.tokens[resp], logp=logp,
-            entropy=batch["entropy"][resp] if "entropy" in batch else None,
+            seq_index=batch.seq_index[resp], token_ids=batch.tokens[resp],
+            logp=batch["logp_old"][resp] if needs.logp and "logp_old" in batch else None,
+            entropy=batch["entropy"][resp] if needs.entropy and "entropy" in batch else None,
             rewards=batch["reward"].float(), group_index=batch["group_id"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"delta": self.delta.state_dict()} if self.delta is not None else {}
+        return {n: m.state_dict() for n, m in self.methods.items() if hasattr(m, "state_dict")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.delta is not None and "delta" in state:
-            self.delta.load_state_dict(state["delta"])
+        for n, m in self.methods.items():
+            if n in state and hasattr(m, "load_state_dict"):
+                m.load_state_dict(state[n])
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from delta_megatron.data.datasets import Example, PromptDataset
+from delta_megatron.data.types import Example, PromptDataset
 from delta_megatron.utils.configs import fail, validate
 
 __all__ = ["ArithmeticConfig", "ArithmeticTask", "synthetic_dataset", "spec_variant", "VOCAB", "PAD", "BOS", "EOS",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from delta_megatron.data.datasets import Example
@@ -19,8 +18,7 @@ from delta_megatron.eval.metrics import avg_at_k, mean_pass_at_k, weighted_avera
 from delta_megatron.reward.verifier_pool import VerifyStats
 from delta_megatron.utils.configs import check_range, fail, validate
 
-__all__ = ["EvalSettings", "GenerateFn", "QuestionResult", "BenchmarkResult", "EvalResults", "evaluate",
-           "main"]
+__all__ = ["EvalSettings", "GenerateFn", "QuestionResult", "BenchmarkResult", "EvalResults", "evaluate"]
 
 GenerateFn = Callable[[list[str], int, float, float, int], list[list[str]]]
 
@@ -170,70 +168,3 @@ def evaluate(generate_fn: GenerateFn, datasets: Mapping[str, Sequence[Example]] 
             pass_at_k={kk: mean_pass_at_k(counts, kk) for kk in settings.ks},
             questions=questions, reward_stats=stats))
     return EvalResults(settings, results)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``delta-megatron eval``: sample an HF checkpoint on the run config's eval sets with the embedded
-    engine, print the markdown table and write ``eval.md`` / ``eval.csv``.
-
-        delta-megatron eval --config run.yaml --model runs/x/hf data.eval=[aime24,math500] eval.k=16
-    """
-    import argparse
-    import sys
-
-    from delta_megatron.config import load_config
-    from delta_megatron.train import recipe_config
-
-    parser = argparse.ArgumentParser(prog="delta-megatron eval", description=main.__doc__)
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument("--config", help="YAML run config")
-    src.add_argument("--recipe", help="module:function returning a Config (see pipelines/)")
-    parser.add_argument("--model", help="HF checkpoint directory (sets model.hf_path)")
-    parser.add_argument("--out", help="report directory (default: <logging.dir>/eval)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k=4")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    overrides = list(args.overrides) + ([f"model.hf_path={args.model}"] if args.model else [])
-    if args.config:
-        cfg = load_config(args.config, overrides)
-    else:
-        cfg = load_config(overrides=overrides, base=recipe_config(args.recipe) if args.recipe else None)
-    if cfg.model.hf_path is None:
-        parser.error("no weights to evaluate: pass --model <HF dir> or set model.hf_path")
-    out = Path(args.out) if args.out else Path(cfg.logging.dir) / "eval"
-
-    import torch  # heavy imports only once the command line is known to be usable
-    from transformers import AutoModelForCausalLM
-
-    from delta_megatron import components as C
-    from delta_megatron.eval.report import write_report
-    from delta_megatron.rollout.embedded import EmbeddedEngine
-    from delta_megatron.rollout.engine import SamplingParams
-
-    tokenizer, _ = C.build_tokenizer(cfg, out)
-    _, eval_sets = C.build_datasets(cfg)
-    if not eval_sets:
-        parser.error("no eval sets: set data.eval (e.g. data.eval=[aime24,math500])")
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_path, dtype=torch.float32)
-    engine = EmbeddedEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            config=cfg.rollout, seed=cfg.train.seed)
-    calls = [0]
-
-    def generate(examples, n, temperature, top_p, max_new_tokens):
-        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n)
-        calls[0] += 1  # distinct per-call seeds, reproducible across runs
-        samples = engine.generate(C.requests_for(cfg, tokenizer, examples, 20_000_000 + calls[0], 0, params))
-        texts: list[list[str]] = [[] for _ in examples]
-        for s in sorted(samples, key=lambda s: (int(s.group_id), s.index)):
-            texts[int(s.group_id)].append(tokenizer.decode(s.response_ids, skip_special_tokens=True))
-        return texts
-
-    reward = C.build_reward(cfg)
-    try:
-        results = evaluate(generate, eval_sets, reward, EvalSettings.from_config(cfg.eval),
-                           prompt_fn=lambda ex: ex)
-    finally:
-        reward.close()
-    print(results.to_markdown(), end="")
-    md, _ = write_report(results, out)
-    print(f"wrote {md} and {md.with_suffix('.csv')}")
-    return 0

@@ -9,10 +9,9 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from delta_megatron.eval.evaluate import EvalResults
+EvalResults = Any  # an eval.evaluate.EvalResults (duck-typed: evaluate builds its reports from here)
 
 __all__ = ["to_markdown", "to_csv", "write_report", "AVG_ROW"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from delta_megatron.config import ModelConfig
+from delta_megatron.models.config import ModelConfig
 
 __all__ = ["megatron_to_hf", "hf_to_megatron", "hf_param_names", "merge_shards", "split_for_rank",
            "HFSource"]

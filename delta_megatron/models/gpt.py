@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from delta_megatron.config import ModelConfig, ParallelConfig
+from delta_megatron.models.config import ModelConfig
+from delta_megatron.parallel import ParallelConfig
 from delta_megatron.utils.configs import ConfigError
 
 __all__ = ["te_available", "resolve_layer_spec", "transformer_config", "layer_spec",
@@ -155,7 +156,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, vp_stage: i
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from delta_megatron.models import cpu_shim
+    from delta_megatron.utils import cpu_shim
 
     cpu_shim.apply()
     if pre_process is None:

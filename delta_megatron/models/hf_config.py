@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from delta_megatron.config import ModelConfig
+from delta_megatron.models.config import ModelConfig
 from delta_megatron.utils.configs import ConfigError
 
 __all__ = ["to_hf_config", "from_hf_config", "load_model_config", "build_hf_model",

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import torch
 
-    from delta_megatron.config import RolloutConfig
+    from delta_megatron.rollout.config import RolloutConfig
 
 __all__ = [
     "FinishReason", "SamplingParams", "GenerateRequest", "Sample", "RolloutEngine",

@@ -46,7 +46,7 @@ class SGLangEngine:
     """A :class:`~delta_megatron.rollout.engine.RolloutEngine` over SGLang servers.
 
     ``router_url`` may be ``None`` to round-robin over ``worker_urls`` without a router.
-    ``config`` is an :class:`~delta_megatron.config.SGLangConfig`; ``weight_sync`` defaults to the
+    ``config`` is an :class:`~delta_megatron.rollout.config.SGLangConfig`; ``weight_sync`` defaults to the
     strategy it names (``ipc``; ``nccl``/``disk`` need addresses, build them with
     :func:`~delta_megatron.rollout.weight_sync.make_weight_sync`). ``pause_mode`` is SGLang's
     ``/pause_generation`` mode: ``abort`` (in-flight samples return partial), ``retract`` or
@@ -58,7 +58,7 @@ class SGLangEngine:
                  pause_mode: str = "abort", check_weights: bool | None = None,
                  check_truncate: int = 100, check_atol: float = 0.0, backoff_s: float = 0.5,
                  control_timeout_s: float | None = None, **_ignored):
-        from delta_megatron.config import SGLangConfig
+        from delta_megatron.rollout.config import SGLangConfig
 
         cfg = config or SGLangConfig()
         if router_url is None and not worker_urls:

@@ -174,7 +174,7 @@ def launch_server_group(model_path: str, cfg, *, host: str = "127.0.0.1",
                         env: dict[str, str] | None = None) -> ServerGroup:
     """Start ``cfg.num_servers`` servers on ``cfg.port_base + i*port_stride`` and a router on
     ``cfg.router_port``; returns once all serve. ``server_cmd(port, base_gpu_id)`` replaces the
-    SGLang command (tests start :mod:`~delta_megatron.rollout.fake_sglang` servers this way)."""
+    SGLang command (tests start :mod:`~tests.doubles.fake_sglang` servers this way)."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="dm-sglang-"))
     group = ServerGroup()
     try:

@@ -37,7 +37,7 @@ from delta_megatron.rollout.engine import WeightSyncError
 __all__ = [
     "Workers", "WeightSync", "TensorSync", "DistributedSync", "DiskSync", "iter_buckets",
     "iter_safetensors", "serialize_named_tensors", "deserialize_named_tensors",
-    "init_custom_process_group", "make_weight_sync",
+    "init_custom_process_group", "make_weight_sync", "sync_actor_weights",
 ]
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -354,3 +354,20 @@ def make_weight_sync(cfg, *, master_address: str = "127.0.0.1", master_port: int
     if disk_dir is None:
         raise ValueError("weight_sync=disk needs disk_dir (a directory every server can read)")
     return DiskSync(disk_dir, base_model_path)
+
+
+def sync_actor_weights(actor: Any, engine: Any, bucket_bytes: int = 512 << 20) -> int:
+    """Actor → engine through the one HF-name converter. The embedded engine lives on rank 0; every
+    rank takes part in the export (TP gathers), and pipeline stages' senders ship to rank 0."""
+    import torch.distributed as dist
+
+    buckets = [list(b) for b in actor.named_hf_weights(bucket_bytes)]
+    if dist.is_initialized() and dist.get_world_size() > 1 and actor.groups.pp_size > 1:
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(buckets, gathered, dst=0)
+        buckets = [b for part in (gathered or []) for b in part]
+    if engine is None:
+        return 0
+    named = [item for bucket in buckets for item in bucket]
+    engine.update_weights(named)  # one strict update: every engine weight, nothing unknown
+    return len(named)

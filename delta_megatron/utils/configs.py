@@ -6,12 +6,15 @@ annotations, rejecting unknown keys, dotted command-line overrides (``algo.loss.
 messages of the form ``credit.delta.lambda_range: (1.2, 0.8) — lower bound must be < upper bound``.
 
 A config class may define ``validate(self) -> None`` and raise :class:`ConfigError` via :func:`fail`;
-:func:`validate` walks the tree and prefixes the field path.
+:func:`validate` walks the tree and prefixes the field path. Fields declared with :func:`option` carry
+their one-line meaning and allowed range in the dataclass itself (one source for validation and for
+``config explain``); every float field must be finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -41,6 +44,47 @@ class _FieldFailure(Exception):
 def fail(field: str, value: Any, allowed: str) -> typing.NoReturn:
     """Reject ``field`` (relative to the config being validated) with a message saying what is allowed."""
     raise _FieldFailure(field, value, allowed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """A numeric field's allowed range (``None`` = unbounded on that side)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def ok(self, value: float) -> bool:
+        return not ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+                    or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
+
+    def describe(self) -> str:
+        lo = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else "(-inf"
+        hi = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else "inf)"
+        return f"{lo}, {hi}"
+
+
+def option(default: Any = dataclasses.MISSING, doc: str = "", *, default_factory: Any = dataclasses.MISSING,
+           ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Any:
+    """A config field with its meaning and allowed range, e.g.
+    ``lr: float = option(5e-4, "peak learning rate", gt=0)``; :func:`validate` enforces the range
+    (``None`` passes for optional fields) and ``config explain`` prints both."""
+    bounds = Bounds(ge, gt, le, lt) if any(b is not None for b in (ge, gt, le, lt)) else None
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"doc": doc, "bounds": bounds})
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> None:
+    """The checks a field carries: floats finite, numbers inside their declared bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(f.name, value, "must be a finite number")
+    bounds = f.metadata.get("bounds")
+    if bounds is not None and not bounds.ok(value):
+        fail(f.name, value, f"must be in {bounds.describe()}")
 
 
 def _join(prefix: str, name: str) -> str:
@@ -159,17 +203,20 @@ def to_dict(cfg: Any) -> Any:
 
 
 def validate(cfg: Any, path: str = "") -> None:
-    """Run every ``validate()`` hook in the tree, children first, turning failures into ConfigError."""
-    for f in dataclasses.fields(cfg):
-        child = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(child):
-            validate(child, _join(path, f.name))
-    hook = getattr(cfg, "validate", None)
-    if callable(hook):
-        try:
+    """Run every field check and ``validate()`` hook in the tree, children first, turning failures into
+    ConfigError with the full field path."""
+    try:
+        for f in dataclasses.fields(cfg):
+            child = getattr(cfg, f.name)
+            if dataclasses.is_dataclass(child):
+                validate(child, _join(path, f.name))
+            else:
+                _check_field(f, child)
+        hook = getattr(cfg, "validate", None)
+        if callable(hook):
             hook()
-        except _FieldFailure as err:
-            raise ConfigError(_join(path, err.field), err.value, err.allowed) from None
+    except _FieldFailure as err:
+        raise ConfigError(_join(path, err.field), err.value, err.allowed) from None
 
 
 def apply_overrides(cfg: T, overrides: list[str]) -> T:

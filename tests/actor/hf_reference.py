@@ -20,7 +20,16 @@ import torch
 
 from delta_megatron.algo.kl import kl_penalty
 from delta_megatron.batch import RolloutBatch
-from delta_megatron.credit.delta import DeltaConfig, delta_reference
+from delta_megatron.credit.delta import DeltaConfig
+from tests.oracles.delta_reference import delta_reference
+
+
+def capture_for(*credits, entropy: bool = False):
+    """The old-log-prob capture a credit pipeline would build for ``credits`` (fresh observers)."""
+    from delta_megatron.credit_contract import Capture
+
+    return Capture.union([c.needs for c in credits], [c.observer() for c in credits if c.needs.hidden],
+                         entropy=entropy)
 
 
 @dataclass

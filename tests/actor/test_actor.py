@@ -21,8 +21,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from delta_megatron.actor.megatron_actor import Capture, LossPlan, MegatronActor
+from delta_megatron.actor.megatron_actor import MegatronActor
 from delta_megatron.credit.delta import DeltaConfig, DeltaCredit
+from delta_megatron.credit_contract import Capture, LossPlan
 from delta_megatron.parallel import destroy, init_distributed
 from tests.actor import hf_reference as ref_lib
 from tests.dist.actor_worker import (
@@ -59,7 +60,7 @@ def groups(hf_dir):
 
 @pytest.fixture(scope="module")
 def actor(groups, hf_dir):
-    return MegatronActor(make_config(hf_dir), groups)
+    return MegatronActor(make_config(hf_dir).actor_config(), groups)
 
 
 def test_reference_is_not_degenerate(ref):
@@ -88,11 +89,11 @@ def test_old_logprobs_equal_hf_for_any_token_budget(actor, ref, budget):
 
 def test_old_logprobs_apply_the_rollout_temperature(actor, ref):
     batch = make_batch()
-    actor.cfg.rollout.temperature = 0.7
+    actor.cfg.logprob_temperature = 0.7
     try:
         actor.old_logprobs(batch)
     finally:
-        actor.cfg.rollout.temperature = 1.0
+        actor.cfg.logprob_temperature = 1.0
     hot = ref_lib.token_stats(ref.model, batch, temperature=0.7)
     has = hot.has_target
     torch.testing.assert_close(batch["logp_old"][has], hot.logp[has], **TOL)
@@ -104,7 +105,7 @@ def test_delta_lambda_equals_reference(actor, ref, mode):
     batch = make_batch()
     runs = count_runs(actor)
     try:
-        metrics = actor.old_logprobs(batch, Capture(delta=DeltaCredit(DeltaConfig(mode=mode))))
+        metrics = actor.old_logprobs(batch, ref_lib.capture_for(DeltaCredit(DeltaConfig(mode=mode))))
     finally:
         del actor._run  # drop the spy (instance attribute) again
     torch.testing.assert_close(batch["credit_delta"], ref.lam, **TOL)  # 0 off the response
@@ -122,7 +123,7 @@ def test_delta_topk_hidden_proxy_equals_reference(actor, ref, mode):
     gives the λ̄ of the literal DelTA on v̂ from HF's LM head."""
     cfg = DeltaConfig(mode=mode, proxy="topk_hidden", topk_k=8)
     batch = make_batch()
-    actor.old_logprobs(batch, Capture(delta=DeltaCredit(cfg)))
+    actor.old_logprobs(batch, ref_lib.capture_for(DeltaCredit(cfg)))
     want = ref_lib.delta_lambda_topk(ref.model, ref.tokens, batch, cfg)
     torch.testing.assert_close(batch["credit_delta"], want, **TOL)
     assert (want - ref.lam)[batch.loss_mask].abs().max() > 1e-2  # not the default proxy's λ̄
@@ -140,9 +141,9 @@ def _train_once(groups, hf_dir, budget: int, dist_opt: bool):
     cfg = make_config(hf_dir, [f"train.max_tokens_per_gpu_train={budget}",
                                f"train.max_tokens_per_gpu_logprob={budget}",
                                f"parallel.distributed_optimizer={str(dist_opt).lower()}"])
-    actor = MegatronActor(cfg, groups)
+    actor = MegatronActor(cfg.actor_config(), groups)
     batch = make_batch()
-    actor.old_logprobs(batch, Capture(delta=DeltaCredit(DeltaConfig(mode="cache"))))
+    actor.old_logprobs(batch, ref_lib.capture_for(DeltaCredit(DeltaConfig(mode="cache"))))
     minis = record_minibatches(actor)
     mean = actor.train(batch, LossPlan(weight_field="credit_delta"))
     after = make_batch()
@@ -189,7 +190,7 @@ def test_kl_to_reference_step_equals_reference(groups, hf_dir, ref, estimator):
     train step with the KL term equals the HF reference; the reference stays the initial policy after
     the update, and the policy's weights are restored after each reference pass."""
     cfg = make_config(hf_dir, [f"algo.kl.estimator={estimator}", "algo.kl.coef=0.5"])
-    actor = MegatronActor(cfg, groups)
+    actor = MegatronActor(cfg.actor_config(), groups)
     batch = make_batch()
     actor.old_logprobs(batch)
     actor.ref_logprobs(batch)

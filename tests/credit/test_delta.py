@@ -11,13 +11,13 @@ from delta_megatron.credit.base import CreditInputs, TokenCredit
 from delta_megatron.credit.delta import (
     DeltaConfig,
     DeltaCredit,
-    delta_reference,
     margin,
     output_row_proxy,
     topk_hidden_proxy,
     topk_logits_from_hidden,
 )
 from delta_megatron.utils.configs import ConfigError, from_dict, validate
+from tests.oracles.delta_reference import delta_reference
 
 F64 = torch.float64
 

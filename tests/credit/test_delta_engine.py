@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from delta_megatron.credit.delta import DeltaConfig, DeltaEngine, DeltaState, delta_reference
+from delta_megatron.credit.delta import DeltaConfig, DeltaEngine, DeltaState
 from delta_megatron.credit.delta_stats import (
     FlatStats,
     gamma_from_moments,
@@ -14,6 +14,7 @@ from delta_megatron.credit.delta_stats import (
 )
 from delta_megatron.utils.configs import ConfigError
 from tests.credit.test_delta import random_batch
+from tests.oracles.delta_reference import delta_reference
 
 F64 = torch.float64
 MODES = ["cache", "moments", "recompute"]

@@ -1,6 +1,7 @@
 """Dataset loading of both schemas (shared {problem, answer} rows, verl jsonl/parquet) and templates."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +16,8 @@ from delta_megatron.data import (
     render_prompt,
     resolve_path,
 )
+
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"  # the repo's copy of the shared data
 
 VERL_ROWS = [
     {"data_source": "math_dapo", "prompt": [{"role": "user", "content": "What is 1+1? Answer: $Answer"}],
@@ -40,7 +43,7 @@ def _write_jsonl(path, rows):
 
 
 def test_shared_schema_rows():
-    ds = load_dataset("/work/shared/data/eval/aime24.jsonl")
+    ds = load_dataset(REPO_DATA / "eval" / "aime24.jsonl")
     assert (ds.name, len(ds)) == ("aime24", 30)
     first = ds[0]
     assert (first.id, first.answer, first.source) == ("aime24/60", "204", "HuggingFaceH4/aime_2024")

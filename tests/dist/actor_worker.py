@@ -179,7 +179,9 @@ def main() -> None:
     ap.add_argument("--dist-opt", action="store_true")
     args = ap.parse_args()
 
-    from delta_megatron.actor.megatron_actor import Capture, LossPlan, MegatronActor
+    from delta_megatron.actor.megatron_actor import MegatronActor
+    from delta_megatron.credit_contract import LossPlan
+    from tests.actor.hf_reference import capture_for
     from delta_megatron.credit.delta import DeltaConfig, DeltaCredit
     from delta_megatron.parallel import destroy, init_distributed
 
@@ -191,7 +193,7 @@ def main() -> None:
                                 f"parallel.distributed_optimizer={str(args.dist_opt).lower()}"])
     groups = init_distributed(cfg.parallel, seed=3)
     try:
-        actor = MegatronActor(cfg, groups)
+        actor = MegatronActor(cfg.actor_config(), groups)
         runs = count_runs(actor)
         batch = make_batch()
         owned = torch.zeros(batch.num_tokens, dtype=torch.bool)
@@ -199,12 +201,11 @@ def main() -> None:
         res: dict = {"rank": groups.rank, "is_last": groups.is_last_stage, "owned": owned,
                      "dp_rank": groups.dp_cp_rank, "modes": {}}
         topk = DeltaCredit(DeltaConfig(mode="cache", proxy="topk_hidden", topk_k=TOPK))  # §9.5 ablation
-        res["topk"] = {"metrics": actor.old_logprobs(batch, Capture(delta=topk)),
+        res["topk"] = {"metrics": actor.old_logprobs(batch, capture_for(topk)),
                        "credit": batch["credit_delta"].clone()}
         for mode in DELTA_MODES:
             before = runs[0]
-            metrics = actor.old_logprobs(batch, Capture(entropy=True,
-                                                        delta=DeltaCredit(DeltaConfig(mode=mode))))
+            metrics = actor.old_logprobs(batch, capture_for(DeltaCredit(DeltaConfig(mode=mode)), entropy=True))
             res["modes"][mode] = {"credit": batch["credit_delta"].clone(), "metrics": metrics,
                                   "runs": runs[0] - before}
         res["logp_old"] = batch["logp_old"].clone()

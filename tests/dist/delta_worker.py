@@ -23,7 +23,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from delta_megatron.credit.delta import DeltaConfig, DeltaCredit, DeltaEngine, delta_reference, scope_group
+from delta_megatron.credit.delta import DeltaConfig, DeltaCredit, DeltaEngine, scope_group
+from tests.oracles.delta_reference import delta_reference
 
 F64 = torch.float64
 

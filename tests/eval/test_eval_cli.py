@@ -2,7 +2,7 @@
 
 import pytest
 
-from delta_megatron.eval.evaluate import main
+from delta_megatron.cli_eval import main
 
 
 def test_eval_cli_without_weights_is_a_usage_error(capsys):

@@ -70,7 +70,7 @@ def test_padded_vocab():
 
 _SHIM = textwrap.dedent("""
     import torch
-    from delta_megatron.models import cpu_shim
+    from delta_megatron.utils import cpu_shim
     from megatron.core.tensor_parallel import random as mg_random
     assert cpu_shim.apply() and cpu_shim.apply()  # idempotent
     cpu = torch.device("cpu")

@@ -17,9 +17,9 @@ from delta_megatron.rollout.engine import (
     SamplingParams,
     WeightSyncError,
 )
-from delta_megatron.rollout.fake_sglang import FakeSGLangServer
 from delta_megatron.rollout.sglang_engine import SGLangEngine
 from delta_megatron.rollout.weight_sync import DiskSync, TensorSync, iter_buckets
+from tests.doubles.fake_sglang import FakeSGLangServer
 from tests.rollout.tiny import EOS, PAD, greedy_reference, recompute_logprobs, tiny_model
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)

@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 def _fake_cmd(model_dir):
     def cmd(port: int, base_gpu_id: int) -> list[str]:
-        return [sys.executable, "-m", "delta_megatron.rollout.fake_sglang", "--model-path",
+        return [sys.executable, "-m", "tests.doubles.fake_sglang", "--model-path",
                 str(model_dir), "--port", str(port), "--pad-token-id", str(PAD), "--eos-token-id",
                 str(EOS), "--max-lifetime-s", "300", "--tp-size", "1"]
     return cmd

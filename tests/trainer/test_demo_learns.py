@@ -8,7 +8,7 @@ import json
 import pytest
 
 from delta_megatron.config import load_config
-from delta_megatron.logging import read_metrics
+from delta_megatron.tracking import read_metrics
 from delta_megatron.trainer import run
 from pipelines.tiny_arith_cpu import config, run_sft
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from delta_megatron.config import load_config
-from delta_megatron.logging import read_metrics
 from delta_megatron.parallel import destroy, init_distributed
+from delta_megatron.tracking import read_metrics
 from delta_megatron.trainer import Trainer
 from pipelines.tiny_arith_cpu import smoke_config
 

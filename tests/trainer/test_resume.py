@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from delta_megatron.logging import read_metrics
+from delta_megatron.tracking import read_metrics
 
 STEPS = 4
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from delta_megatron.logging import read_metrics
 from delta_megatron.models.hf_config import build_hf_model
+from delta_megatron.tracking import read_metrics
 from pipelines.tiny_arith_cpu import smoke_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from delta_megatron.credit.extrapolation import (
+from delta_megatron.rollout.extrapolation import (
     ExtrapolationConfig,
     align_logprobs,
     extrapolated_probs,

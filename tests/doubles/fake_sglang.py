@@ -15,7 +15,7 @@ only, bounds concurrent handlers, and stops by itself after ``max_lifetime_s``.
 
 Run standalone (e.g. as a drop-in for a launch test)::
 
-    python -m delta_megatron.rollout.fake_sglang --model-path DIR --port 30000 --pad-token-id 0
+    python -m tests.doubles.fake_sglang --model-path DIR --port 30000 --pad-token-id 0
 """
 
 from __future__ import annotations

@@ -13,10 +13,24 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    progress: bool = True
+    log_every: int = 1
+    # log the old policy's mean token entropy (one more reduction over the logits in the log-prob
+    # kernel); methods that need entropy capture it regardless
+    entropy: bool = True
 
 
 def _is_rank0() -> bool:

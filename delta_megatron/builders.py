@@ -1,0 +1,105 @@
+"""Builders: each turns the run config into one component the trainer (or a command) uses —
+tokenizer, datasets, prompt encoder, reward, rollout engine, actor. Keeping construction here lets
+``trainer.py`` read like the algorithm (STYLE.md §1) and the components take only their own config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from delta_megatron.config import Config
+from delta_megatron.data.datasets import load_dataset
+from delta_megatron.data.synthetic import ArithmeticConfig, ArithmeticTask, spec_variant, synthetic_dataset
+from delta_megatron.data.templates import BOXED_INSTRUCTION, encode_prompt, render_prompt
+from delta_megatron.data.types import Example, PromptDataset
+from delta_megatron.rollout.requests import PromptEncoder
+
+
+def is_synthetic(cfg: Config) -> bool:
+    return cfg.data.train.startswith("synthetic:")
+
+
+def arithmetic_task(cfg: Config) -> ArithmeticTask:
+    return ArithmeticTask(ArithmeticConfig(digits=cfg.data.synthetic_digits, variant=spec_variant(cfg.data.train),
+                                           size=cfg.data.synthetic_size, seed=cfg.data.shuffle_seed))
+
+
+def build_tokenizer(cfg: Config, out_dir: Path | None = None):
+    """The HF tokenizer: the synthetic task's character tokenizer (saved to ``out_dir`` so HF exports
+    carry it), else ``data.tokenizer`` or ``model.hf_path``."""
+    from transformers import AutoTokenizer
+
+    if is_synthetic(cfg) and cfg.data.tokenizer is None:
+        from delta_megatron.data.tokenizer import load_hf_tokenizer, save_char_tokenizer
+
+        path = Path(out_dir or Path(cfg.logging.dir)) / "tokenizer"
+        if not (path / "tokenizer.json").exists():
+            save_char_tokenizer(path)
+        return load_hf_tokenizer(path), path
+    path = cfg.data.tokenizer or cfg.model.hf_path
+    if path is None:
+        raise ValueError("data.tokenizer: null — real datasets need a tokenizer directory "
+                         "(data.tokenizer or model.hf_path)")
+    return AutoTokenizer.from_pretrained(path), Path(path)
+
+
+def build_datasets(cfg: Config) -> tuple[PromptDataset, list[PromptDataset]]:
+    if is_synthetic(cfg):
+        task = arithmetic_task(cfg)
+        train = synthetic_dataset(cfg.data.train, task.cfg)
+        evals = [synthetic_dataset(cfg.data.train.split("@")[0] + "@eval", task.cfg)]
+    else:
+        train = load_dataset(cfg.data.train)
+        evals = [load_dataset(spec, max_rows=cfg.data.max_eval_rows) for spec in cfg.data.eval]
+    return train, evals
+
+
+def prompt_encoder(cfg: Config, tokenizer: Any) -> PromptEncoder:
+    """Example → prompt token ids under the configured template (the synthetic task has no
+    instruction; real math data asks for a boxed answer)."""
+    template = cfg.data.resolved_template
+    instruction = None if is_synthetic(cfg) else BOXED_INSTRUCTION
+
+    def encode(example: Example) -> list[int]:
+        return encode_prompt(tokenizer, render_prompt(example, template, tokenizer, instruction=instruction),
+                             template)
+
+    return encode
+
+
+def build_reward(cfg: Config):
+    from delta_megatron.reward import build_reward as _build
+
+    extract = arithmetic_task(cfg).extract if is_synthetic(cfg) else None
+    return _build(cfg.reward, cfg.data.train, extract_fn=extract)
+
+
+def build_engine(cfg: Config, tokenizer: Any):
+    """The rollout engine of ``rollout.engine`` (embedded: an HF model of the same architecture)."""
+    from delta_megatron.rollout import make_engine
+
+    if cfg.rollout.engine == "embedded":
+        from delta_megatron.models.hf_config import build_hf_model
+
+        return make_engine(cfg.rollout, model=build_hf_model(cfg.model, seed=cfg.train.seed),
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                           seed=cfg.train.seed)
+    router = os.environ.get("DELTA_MEGATRON_SGLANG_ROUTER")
+    if router:  # heterogeneous job: the launcher started servers + router on their own nodes
+        from delta_megatron.rollout.sglang_server import wait_healthy
+
+        wait_healthy(router, timeout_s=cfg.rollout.sglang.request_timeout_s)
+        return make_engine(cfg.rollout, router_url=router)
+    if cfg.model.hf_path is None:
+        raise ValueError("rollout.engine: 'sglang' — SGLang servers start from an HF checkpoint; "
+                         "set model.hf_path")
+    return make_engine(cfg.rollout, model_path=cfg.model.hf_path)
+
+
+def build_actor(cfg: Config, groups: Any = None, total_optimizer_steps: int | None = None):
+    """The Megatron actor on this rank's share of the layout (its own view of the config)."""
+    from delta_megatron.actor.megatron_actor import MegatronActor
+
+    return MegatronActor(cfg.actor_config(), groups, total_optimizer_steps=total_optimizer_steps)

@@ -28,7 +28,9 @@ from delta_megatron.actor.config import ActorConfig
 from delta_megatron.actor.microbatch import MicroBatch, build_microbatch, padded_row_length
 from delta_megatron.actor.optimizer import build_optimizer, wrap_ddp
 from delta_megatron.algo import PolicyLossInputs, policy_loss
-from delta_megatron.algo.aggregation import LossNormalizer
+from delta_megatron.algo.aggregation import LossNormalizer, kept_scale
+from delta_megatron.algo.policy_loss import metric_names
+from delta_megatron.algo.rollout_correction import mismatch_metrics
 from delta_megatron.batch import RolloutBatch, balanced_partition
 from delta_megatron.credit_contract import Capture, HeadView, LossPlan
 from delta_megatron.models.gpt import (
@@ -320,6 +322,7 @@ class MegatronActor:
         response = batch.loss_mask  # [T] response tokens (the normaliser's token count)
         loss_mask = response & batch[plan.mask_field].bool() if plan.mask_field else response
         resp_lens = torch.zeros(batch.num_seqs).index_add_(0, batch.seq_index, loss_mask.float())  # [B]
+        mismatch = self._mismatch_metrics(batch, loss_mask) if plan.objective != "sft" else {}
         totals: dict[str, float] = {}
         steps = 0
         for _ in range(self.cfg.train.ppo_epochs):
@@ -328,7 +331,22 @@ class MegatronActor:
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
                 steps += 1
-        return {k: v / max(steps, 1) for k, v in totals.items()}
+        return {**{k: v / max(steps, 1) for k, v in totals.items()}, **mismatch}
+
+    def _mismatch_metrics(self, batch: RolloutBatch, loss_mask: torch.Tensor) -> dict[str, float]:
+        """Engine vs actor log-probs of the rollout batch (``train/mismatch/…``): every rank's owned
+        loss tokens, reduced over DP×CP. Needs ``logp_rollout`` when a correction is configured."""
+        algo = self.cfg.algo
+        if "logp_rollout" not in batch:
+            if algo.rollout_correction != "none":
+                raise ValueError(f"algo.rollout_correction={algo.rollout_correction!r} needs the rollout "
+                                 "engine's log-probs (batch field 'logp_rollout'); the engine returned none")
+            return {}
+        dev = self.device
+        metrics = mismatch_metrics(algo.rollout_correction, algo.mismatch, batch["logp_old"].to(dev),
+                                   batch["logp_rollout"].to(dev), (loss_mask & batch["owned"]).to(dev),
+                                   batch.seq_index.to(dev), batch.num_seqs, self.groups.dp_cp)
+        return {f"train/{k}": v for k, v in metrics.items()}
 
     def _train_minibatch(self, batch: RolloutBatch, mini: list[int], local: list[int], plan: LossPlan,
                          response: torch.Tensor, loss_mask: torch.Tensor,
@@ -341,6 +359,7 @@ class MegatronActor:
         else:
             fields = {name: batch[name] for name in ("logp_old", plan.advantage_field)}
         weight = batch[plan.weight_field] if plan.weight_field else None
+        logp_rollout = batch["logp_rollout"] if "logp_rollout" in batch and plan.objective != "sft" else None
         ref_logp = batch["logp_ref"] if self._reference is not None and plan.objective != "sft" else None
         selector = plan.selector
         need_entropy = selector is not None and selector.needs.current_entropy
@@ -350,7 +369,7 @@ class MegatronActor:
             lp, ent = self._logprobs(mb, hidden, need_entropy)
             rows = (mb.response & (mb.target_index >= 0)).nonzero().flatten()
             idx = mb.target_index[rows]
-            mask = loss_mask[idx].to(self.device)
+            mask = response_mask = loss_mask[idx].to(self.device)
             if selector is not None:
                 cp = self.groups.cp if self.groups.cp_size > 1 else None  # CP shards select together
                 current = ent[rows.to(self.device)].detach() if need_entropy else None
@@ -366,7 +385,9 @@ class MegatronActor:
                 num_seqs=len(mb.samples), normalizer=normalizer,
                 token_weight=None if weight is None else weight[idx].to(self.device),
                 ref_logp=None if ref_logp is None else ref_logp[idx].to(self.device),
-                cp_group=self.groups.cp if self.groups.cp_size > 1 else None, token_index=idx)
+                cp_group=self.groups.cp if self.groups.cp_size > 1 else None, token_index=idx,
+                response_mask=response_mask if selector is not None else None,
+                logp_rollout=None if logp_rollout is None else logp_rollout[idx].to(self.device))
             if plan.objective == "sft":
                 share = -(lp[rows.to(self.device)] * mask).sum() / max(normalizer.num_tokens, 1.0)
                 metrics = {"pg_loss": share.detach()}
@@ -380,11 +401,17 @@ class MegatronActor:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._run(mbs, loss_fn, forward_only=False)
+        stats = self._reduce_metrics(collected, metric_names(selected=selector is not None))
+        scale = kept_scale(stats["train/norm_dropped"])  # tokens a filter dropped from the normaliser
+        if scale != 1.0:  # in the forward (FIPO kept, seq-mask-tis): one exact rescale before clipping
+            for chunk in self.model:
+                chunk.scale_gradients(scale)
+            for name in ("train/pg_loss", "train/kl_loss"):
+                stats[name] *= scale
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
             self.optimizer_steps += 1
-        stats = self._reduce_metrics(collected)
         stats["train/grad_norm"] = float(grad_norm or 0.0)
         stats["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
         stats["train/update_skipped"] = float(not ok)
@@ -392,7 +419,9 @@ class MegatronActor:
 
     def _normalizer(self, batch: RolloutBatch, mini: list[int], mbs: list[MicroBatch],
                     loss_mask: torch.Tensor, plan: LossPlan) -> LossNormalizer:
-        """Mini-batch totals over all DP ranks (forking: Σ of selected counts per micro-batch)."""
+        """Mini-batch totals over all DP ranks (forking: Σ of selected counts per micro-batch; metrics
+        then average over all response tokens)."""
+        num_resp = float(loss_mask[batch.token_indices(mini)].sum())
         if plan.selector is not None:
             valid = torch.tensor([float(loss_mask[mb.target_index[mb.response]].sum()) for mb in mbs],
                                  dtype=torch.float64, device=self.device)
@@ -403,12 +432,12 @@ class MegatronActor:
             dist.all_reduce(count, group=self.groups.dp)
             num_tokens = float(count[0])
         else:
-            num_tokens = float(loss_mask[batch.token_indices(mini)].sum())
-        return LossNormalizer(num_tokens, float(len(mini)), self.cfg.loss_const, self.cfg.algo.const_times_seqs)
+            num_tokens = num_resp
+        return LossNormalizer(num_tokens, float(len(mini)), self.cfg.loss_const,
+                              self.cfg.algo.const_times_seqs, num_response_tokens=num_resp)
 
-    def _reduce_metrics(self, collected: list[dict]) -> dict[str, float]:
+    def _reduce_metrics(self, collected: list[dict], names: tuple[str, ...]) -> dict[str, float]:
         """Metric shares summed over micro-batches and DP×CP ranks; sent from the last stage."""
-        names = ["pg_loss", "clip_frac", "dual_clip_frac", "ppo_kl", "ratio_mean", "kl_loss"]
         buf = torch.zeros(len(names), dtype=torch.float64)
         for metrics in collected:
             for i, n in enumerate(names):

@@ -11,8 +11,9 @@ from delta_megatron.algo.fipo import FIPOConfig
 from delta_megatron.algo.gspo import GSPOConfig
 from delta_megatron.algo.loss_api import POLICY_LOSSES
 from delta_megatron.algo.overlong import OverlongConfig
+from delta_megatron.algo.rollout_correction import ROLLOUT_CORRECTIONS, MismatchConfig
 from delta_megatron.algo.sapo import SAPOConfig
-from delta_megatron.utils.configs import check_range, fail
+from delta_megatron.utils.configs import check_range, fail, option
 
 
 @dataclass
@@ -73,6 +74,10 @@ class AlgoConfig:
     kl: KLConfig = field(default_factory=KLConfig)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    rollout_correction: str = option(
+        "none", "train/inference mismatch correction from the engine's log-probs: none, tis, icepop, "
+        "seq-mask-tis (docs/methods/fidelity.md §5)")
+    mismatch: MismatchConfig = field(default_factory=MismatchConfig)  # the correction's bounds
 
     @property
     def resolved_aggregation(self) -> str:
@@ -89,3 +94,10 @@ class AlgoConfig:
     def validate(self) -> None:
         if self.loss_const is not None and self.loss_const <= 0:
             fail("loss_const", self.loss_const, "must be > 0")
+        if self.rollout_correction not in ROLLOUT_CORRECTIONS:
+            fail("rollout_correction", self.rollout_correction,
+                 ROLLOUT_CORRECTIONS.unknown(self.rollout_correction))
+        if self.loss.name == "fipo" and self.loss.fipo.normalizer == "kept" and self.kl.estimator != "none":
+            fail("loss.fipo.normalizer", "kept", "the kept-token normaliser is applied as one gradient scale "
+                 "after the backward, which would rescale the KL loss too (the reference divides the KL "
+                 "by all tokens); with algo.kl.estimator set use 'all'")

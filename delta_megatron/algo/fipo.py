@@ -4,9 +4,11 @@
 FutureKL_t = Σ_{k≥t} M_k γ^{k−t} Δ_k (current token included); f_t = clip(exp(FutureKL_t), f_lo, f_hi);
 safety: if A_t < 0 and r_t > safety_thresh, f_t ← clip(f_t, 0.8, 1.0); Ã_t = A_t·f_t feeds PPO-clip with
 the dual clip keyed on Ã < 0. A response with more than one dual-clipped negative token is dropped from
-the loss numerator. With global normalisers fixed before the forward, the dropped tokens stay in the
-normaliser (verl's per-mini-batch count would drop them too); the difference only matters for the
-rare responses the filter hits.
+the loss. ``normalizer: kept`` (the reference) drops it from the token-mean's denominator too, which
+therefore depends on the current policy and is known only after the forward passes: the loss flags the
+dropped tokens (``TokenLoss.dropped``) and the mini-batch is rescaled once they are counted over all
+micro-batches and ranks (``aggregation.kept_scale``). ``all`` keeps them in the denominator (the loss
+is smaller by kept/total when the filter hits).
 
 The suffix sum runs as a chunked triangular matmul over a [sequences, max_len] view (chunk 128, as
 the reference), carrying the sum across chunks, so γ^k never underflows for long responses.
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from delta_megatron.algo.loss_api import POLICY_LOSSES, PolicyLossInputs, TokenLoss
 from delta_megatron.algo.ppo_clip import log_ratio, ppo_clip_from_ratio
-from delta_megatron.utils.configs import fail
+from delta_megatron.utils.configs import fail, option
 
 
 @dataclass
@@ -38,8 +41,12 @@ class FIPOConfig:
     safety_thresh: float = 10.0
     chunk: int = 128
     seq_filter: bool = True
+    normalizer: Literal["kept", "all"] = option(
+        "kept", "token-mean denominator: tokens the sequence filter keeps (reference) or all tokens")
 
     def validate(self) -> None:
+        if self.normalizer not in ("kept", "all"):
+            fail("normalizer", self.normalizer, "allowed: 'kept', 'all'")
         if self.decay_rate <= 0:
             fail("decay_rate", self.decay_rate, "must be > 0")
         lo, hi = self.f_range
@@ -134,6 +141,8 @@ def fipo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tens
         if cp_group is not None and dist.get_world_size(cp_group) > 1:
             dist.all_reduce(hits, group=cp_group)  # a response's hits may sit on several CP ranks
         keep = mask & (hits[seq_index] <= 1)
+        if cfg.normalizer == "kept":
+            out.dropped = mask & ~keep
     return out, keep
 
 

@@ -1,9 +1,11 @@
 """GSPO, token form (baselines.md §4): a length-normalised sequence ratio with token gradients.
 
 s_i = exp(mean_t ℓ_{i,t}); s_{i,t} = sg[s_i]·π_θ(y_t)/sg[π_θ(y_t)] has value s_i and gradient
-s_i·∇log π_θ(y_t), so it accepts token-level advantages (KTAE, DelTA). log s is clamped at ≤ 10.
-No dual clip. Under context parallelism the per-sequence (Σℓ, count) is all-reduced over the CP
-group — on detached values only, since the gradient never flows through s_i.
+s_i·∇log π_θ(y_t), so it accepts token-level advantages (KTAE, DelTA). The combined log s_{i,t} is
+clamped at ≤ 10 (verl): past the clamp the gradient is exactly 0 (clamping only sg[log s_i] would
+leave e^10·∇log π, unbounded for A < 0 since there is no dual clip). Under context parallelism the
+per-sequence (Σℓ, count) is all-reduced over the CP group — on detached values only, since the
+gradient never flows through s_i.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ def gspo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tens
         packed = torch.stack([sums, counts])
         dist.all_reduce(packed, group=cp_group)
         sums, counts = packed[0], packed[1]
-    log_s = torch.clamp(sums / counts.clamp(min=1), max=10.0).to(logp.dtype)[seq_index]
-    ratio = torch.exp(log_s + logp - logp.detach())  # value s_i, gradient s_i ∇logπ
+    log_s = (sums / counts.clamp(min=1)).to(logp.dtype)[seq_index]
+    ratio = torch.exp(torch.clamp(log_s + logp - logp.detach(), max=10.0))  # value s_i, grad s_i ∇logπ
     return ppo_clip_from_ratio(ratio, advantages, clip_low, clip_high, dual_clip_c=None)
 
 

@@ -3,7 +3,8 @@
 A loss registers an adapter ``(loss_cfg, PolicyLossInputs) -> (TokenLoss, mask)`` under its name
 (``@POLICY_LOSSES.register("gspo")`` in its own file); :func:`~delta_megatron.algo.policy_loss.
 policy_loss` looks it up, so ``algo.loss.name`` accepts exactly the registered names. ``mask`` is the
-loss mask after the loss's own filters (FIPO's sequence filter), otherwise ``inputs.mask``.
+loss mask after the loss's own filters (FIPO's sequence filter), otherwise ``inputs.mask``; tokens a
+filter takes out of the normaliser too are flagged in ``TokenLoss.dropped`` (see ``aggregation``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class TokenLoss:
     clipped: torch.Tensor  # bool: ratio clip active (zero gradient)
     dual_clipped: torch.Tensor  # bool: dual-clip bound active (zero gradient)
     ratio: torch.Tensor  # detached ratio used by the loss
+    # bool: tokens the loss's filter removed from the loss AND from its normaliser (FIPO's
+    # ``normalizer: kept``); None: the normaliser keeps every token of ``inputs.mask``
+    dropped: torch.Tensor | None = None
 
 
 @dataclass
@@ -47,6 +51,12 @@ class PolicyLossInputs:
     # [tokens] long, the tokens' global order (e.g. their index in the rollout batch): FIPO under CP
     # rebuilds each response's token order from it across the CP ranks
     token_index: torch.Tensor | None = None
+    # [tokens] bool, the response's loss tokens before a per-micro-batch selection (Forking): metrics
+    # average over them (with ``normalizer.num_response_tokens``) and sequence statistics of the
+    # rollout correction use them. None: ``mask``
+    response_mask: torch.Tensor | None = None
+    # [tokens] log p(y_t) the rollout engine sampled with, for ``algo.rollout_correction``
+    logp_rollout: torch.Tensor | None = None
 
 
 POLICY_LOSSES: Registry = Registry("policy loss")

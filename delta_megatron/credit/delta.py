@@ -47,7 +47,7 @@ from delta_megatron.credit.delta_stats import (
     topk_hidden_proxy,
     topk_logits_from_hidden,
 )
-from delta_megatron.utils.configs import fail, validate
+from delta_megatron.utils.configs import fail, option, validate
 
 __all__ = ["DeltaConfig", "DeltaCredit", "DeltaEngine", "DeltaState", "margin",
            "output_row_proxy", "scope_group", "topk_hidden_proxy", "topk_logits_from_hidden"]
@@ -63,6 +63,11 @@ class DeltaConfig:
     keep the top / bottom / a random 50 % (ties at the cut are all kept). The output is then a loss
     *mask* and the loss is the plain unweighted token-mean over the **selected** tokens, i.e. the
     actor's global normaliser counts selected tokens instead of all valid ones.
+
+    ``empty_side`` (A8): when one side is empty in the scope (all A ≥ 0 or all A ≤ 0), ``uniform``
+    gives λ̄ ≡ 1 (plain DAPO for that batch); ``zero_centroid`` follows the released code, which has no
+    special case: the empty side's centroid is 0 (mass clamped at ε), its γ comes from a count
+    clamped ≥ 1, and λ, λ̄ are computed as usual (docs/methods/fidelity.md §6).
 
     ``scope`` is applied through the process group the engine reduces over
     (``DeltaCredit.process_group``). Random draws (``random_lambda``, ``random50``) follow each
@@ -86,6 +91,8 @@ class DeltaConfig:
     random_lambda: bool = False  # §8 "Random λ": uniform on [λ_min, λ_max] (Z0 tokens: λ_min)
     seed: int = 0  # random λ / random50 selection
     selection: Literal["none", "top50", "bottom50", "random50"] = "none"
+    empty_side: Literal["uniform", "zero_centroid"] = option(
+        "uniform", "one side empty in the scope: λ̄ ≡ 1 (uniform) or the reference's zero centroid")
 
     def validate(self) -> None:
         if not 0 <= self.K <= 3:
@@ -95,7 +102,8 @@ class DeltaConfig:
             fail("lambda_range", self.lambda_range, "need 0 <= lower bound < upper bound")
         for name, allowed in (("mode", MODES), ("cache_dtype", ("float32", "bfloat16")),
                               ("scope", ("global", "dp_shard")),
-                              ("proxy", ("output_row", "topk_hidden")), ("selection", SELECTIONS)):
+                              ("proxy", ("output_row", "topk_hidden")), ("selection", SELECTIONS),
+                              ("empty_side", ("uniform", "zero_centroid"))):
             if getattr(self, name) not in allowed:
                 fail(name, getattr(self, name), "allowed: " + ", ".join(allowed))
         if self.topk_k < 1:
@@ -170,7 +178,8 @@ class DeltaEngine:
         self.gamma_next: torch.Tensor | None = None  # std of the final margins (γ^(K+1))
         self.counts = torch.zeros(3, dtype=torch.float64)  # tokens (+, −, 0) in the scope
         self.mass = torch.zeros(2, dtype=torch.float64)  # M_± of μ^(0)
-        self.degenerate = False
+        self.degenerate = False  # λ̄ ≡ 1 for this batch (one side empty, empty_side = uniform)
+        self.one_sided = False
         self.finished = False
         self.metrics: dict[str, float] = {}
         self._scale = 1.0
@@ -389,7 +398,8 @@ class DeltaEngine:
         cfg = self.cfg
         if stage in ("collect", "random"):
             self.counts = st.get("count").cpu()
-            self.degenerate = not (self.counts[0] > 0 and self.counts[1] > 0)  # A8
+            self.one_sided = not (self.counts[0] > 0 and self.counts[1] > 0)  # A8
+            self.degenerate = self.one_sided and (cfg.empty_side == "uniform" or not self.counts.sum() > 0)
         if stage == "collect":
             self.mass = st.get("M").cpu()
             self.mu = st.get("S") / st.get("M").clamp(min=cfg.eps).unsqueeze(-1)  # μ^(0) (§3.1)
@@ -423,7 +433,8 @@ class DeltaEngine:
         cfg = self.cfg
         self.finished = True
         n_tok = float(self.counts.sum())
-        m = {"delta/degenerate": float(self.degenerate), "delta/n_pos": float(self.counts[0]),
+        m = {"delta/degenerate": float(self.degenerate), "delta/one_sided": float(self.one_sided),
+             "delta/n_pos": float(self.counts[0]),
              "delta/n_neg": float(self.counts[1]), "delta/n_zero": float(self.counts[2]),
              "delta/data_passes": float(self._pass + 1),
              "delta/extra_forwards": float(0 if cfg.mode == "cache" else self._pass)}

@@ -1,9 +1,16 @@
-"""Low-probability advantage re-weighting (baselines.md §9.2): toy Ã vectors and the ablation variants."""
+"""Low-probability advantage re-weighting (baselines.md §9.2): toy Ã vectors and the ablation variants;
+the perplexity-based sequence variants (fidelity.md §4): toy numbers, and exact on 2 gloo ranks whose
+shards split the prompt groups."""
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from delta_megatron.credit.lowprob import LowProbConfig, LowProbCredit, lowprob_weight
 from delta_megatron.utils.configs import ConfigError, validate
@@ -74,5 +81,96 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="alpha"):
         validate(LowProbConfig(alpha=1.0, variant="reshape"))
     with pytest.raises(ConfigError, match="variant"):
-        validate(LowProbConfig(variant="ppl"))
+        validate(LowProbConfig(variant="perplexity"))  # type: ignore[arg-type]
+    validate(LowProbConfig(variant="ppl-norm-clamp"))
     assert LowProbConfig().alpha == 0.1 and LowProbConfig().variant == "reshape_reversed"
+
+
+# fidelity.md §4 worked example [X]: ℓ_i = −mean_t log π_old per response, groups g1 = y1..y4, g2 = y5..y8
+ELL = [0.604499, 0.859007, 0.520381, 1.339128, 0.587724, 0.411477, 0.529936, 0.724742]
+PPL = {  # variant, c -> (w_i, Ã_i = A_i·w_i)
+    ("ppl", 0.1): ([0.939550, 0.914099, 0.947962, 0.866087, 0.941228, 0.958852, 0.947006, 0.927526],
+                   [0.813673, -0.791632, 0.820958, -0.750052, 1.411839, -0.479425, -0.473502, -0.463762]),
+    ("ppl-norm", 0.1): ([1.070950, 0.991140, 1.097329, 0.840581, 0.978483, 1.134840, 1.029749, 0.856928],
+                        [0.927469, -0.858351, 0.950313, -0.727963, 1.467722, -0.567419, -0.514874, -0.428463]),
+    ("ppl-norm-clamp", 0.5): ([1.2, 0.955700, 1.2, 0.8, 0.892416, 1.2, 1.148746, 0.8],
+                              [1.039229, -0.827659, 1.039229, -0.692819, 1.338621, -0.599999, -0.574372,
+                               -0.399999]),
+}
+
+
+def per_response(tb, values: torch.Tensor) -> list[float]:
+    """The (constant) per-token value of each response, checking it is constant."""
+    rows = tb.split(values.double())
+    assert all(max(r) - min(r) < 1e-12 for r in rows)
+    return [r[0] for r in rows]
+
+
+@pytest.mark.parametrize("variant,c", list(PPL))
+def test_ppl_sequence_variants_toy(variant, c):
+    tb = toy_batch()
+    ell = [-float(tb.logp_old[tb.seq_index == i].mean()) for i in range(8)]
+    assert ell == pytest.approx(ELL, abs=1e-6)
+    out = LowProbCredit(LowProbConfig(alpha=c, variant=variant)).assign(tb.credit_inputs(torch.float64))
+    w, a_tilde = PPL[(variant, c)]
+    assert per_response(tb, out.values) == pytest.approx(w, abs=1e-6)
+    assert per_response(tb, out.values.double() * tb.advantages) == pytest.approx(a_tilde, abs=1e-6)
+    assert out.metrics["lowprob/weight_min"] == pytest.approx(min(w), abs=1e-6)
+
+
+def test_ppl_group_statistics_are_per_prompt():
+    """A response moved to another group changes the z-scores of both groups (population std), and a
+    group of one gets z = 0, i.e. w = 1."""
+    tb = toy_batch()
+    inputs = tb.credit_inputs(torch.float64)
+    inputs.group_index = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2])  # y8 alone
+    w = per_response(tb, LowProbCredit(LowProbConfig(variant="ppl-norm")).assign(inputs).values)
+    assert w[7] == pytest.approx(1.0, abs=1e-12)
+    g2 = torch.tensor(ELL[4:7], dtype=torch.float64)
+    z = (g2 - g2.mean()) / (g2.std(unbiased=False) + 1e-6)
+    assert w[4:7] == pytest.approx((1 - 0.1 * z).tolist(), abs=1e-6)
+    assert w[:4] == pytest.approx(PPL[("ppl-norm", 0.1)][0][:4], abs=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SHARDS = ([0, 4, 6], [1, 2, 3, 5, 7])  # responses per rank: both prompt groups span both ranks
+
+
+def _dp_worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tb = toy_batch()
+        inputs = tb.credit_inputs(torch.float64)
+        mine = torch.isin(tb.seq_index, torch.tensor(SHARDS[rank]))
+        for name in ("advantages", "mask", "seq_index", "token_ids", "logp", "entropy"):
+            setattr(inputs, name, getattr(inputs, name)[mine])  # global response ids stay
+        got = {}
+        for variant, c in PPL:
+            out = LowProbCredit(LowProbConfig(alpha=c, variant=variant)).assign(inputs, group=dist.group.WORLD)
+            got[variant] = (mine.nonzero().flatten().tolist(), out.values.double().tolist())
+        queue.put((rank, got))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_ppl_variants_exact_under_dp_with_groups_spanning_ranks():
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.spawn(_dp_worker, args=(2, _free_port(), queue), nprocs=2, join=True)
+    results = [queue.get() for _ in range(2)]
+    tb = toy_batch()
+    for variant, c in PPL:
+        merged = torch.full((26,), float("nan"), dtype=torch.float64)
+        for _, got in results:
+            idx, vals = got[variant]
+            merged[idx] = torch.tensor(vals, dtype=torch.float64)
+        whole = LowProbCredit(LowProbConfig(alpha=c, variant=variant)).assign(tb.credit_inputs(torch.float64))
+        torch.testing.assert_close(merged, whole.values.double(), atol=1e-7, rtol=0)  # float32 output
+        assert per_response(tb, merged) == pytest.approx(PPL[(variant, c)][0], abs=1e-6)

@@ -39,7 +39,8 @@ def delta_reference(v: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
     w = adv.abs()
     lam_min, lam_max = cfg.lambda_range
     gen = torch.Generator().manual_seed(seed)
-    degenerate = not (bool(pos.any()) and bool(neg.any()))
+    one_sided = not (bool(pos.any()) and bool(neg.any()))
+    degenerate = one_sided and (cfg.empty_side == "uniform" or vv.shape[0] == 0)  # A8
     details = {} if details is None else details
     details["degenerate"] = degenerate
 
@@ -54,8 +55,9 @@ def delta_reference(v: torch.Tensor, advantages: torch.Tensor, mask: torch.Tenso
         return torch.where(pos, d_neg - d_pos, d_pos - d_neg)
 
     def side_std(delta: torch.Tensor) -> torch.Tensor:  # unweighted population std per side
-        return torch.stack([delta[s].var(unbiased=False).clamp(min=cfg.eps_gamma).sqrt()
-                            for s in (pos, neg)])
+        # an empty side (empty_side = zero_centroid) has variance 0, as with [C]'s count clamped >= 1
+        return torch.stack([(delta[s].var(unbiased=False) if bool(s.any()) else delta.new_zeros(()))
+                            .clamp(min=cfg.eps_gamma).sqrt() for s in (pos, neg)])
 
     def alpha(delta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         if cfg.hard_assignment:

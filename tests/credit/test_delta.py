@@ -281,6 +281,47 @@ def test_degenerate_batch_is_plain_dapo(mode):
     assert out.metrics["delta/degenerate_batches"] == 2.0
 
 
+# fidelity.md §6: one side empty. d = 2, all A >= 0: v = (1,0) A=1, (0,1) A=1, (2,1) A=2, Z0 (1,1) A=0.
+ONE_SIDED_V = [(1.0, 0.0), (0.0, 1.0), (2.0, 1.0), (1.0, 1.0)]
+ONE_SIDED_A = [1.0, 1.0, 2.0, 0.0]
+ONE_SIDED_LAMBDA_BAR = {0: [1.032296, 0.985571, 1.170352, 0.811781],  # [X]
+                        1: [1.029119, 0.965617, 1.186458, 0.818806]}
+
+
+@pytest.mark.parametrize("K", [0, 1])
+@pytest.mark.parametrize("mode", ["cache", "moments", "recompute"])
+def test_one_sided_batch_zero_centroid(K, mode):
+    """``empty_side = zero_centroid`` (the released code): μ- = 0 (mass clamped at ε), γ- from a
+    count clamped >= 1, λ computed as usual. By hand (K = 0): μ+ = (5/4, 3/4), Δ+ = 2vᵀμ+ − ‖μ+‖² =
+    [0.375, −0.625, 4.375] (‖μ+‖² = 2.125), γ+ = population std = √(14/3) = 2.160247,
+    α = σ(Δ/γ) = [0.543289, 0.428171, 0.883421], λ = 0.8 + 0.4α and 0.8 on the Z0 token,
+    Z = 3.941952, λ̄ = 4λ/Z. Negating every advantage mirrors the sides and gives the same λ̄."""
+    v = torch.tensor(ONE_SIDED_V, dtype=F64)
+    mask = torch.ones(4, dtype=torch.bool)
+    for sign in (1.0, -1.0):
+        a = sign * torch.tensor(ONE_SIDED_A, dtype=F64)
+        credit = DeltaCredit(DeltaConfig(K=K, mode=mode, empty_side="zero_centroid"))
+        out = credit.assign(CreditInputs(advantages=a, mask=mask, seq_index=torch.arange(4), hidden=2 * v,
+                                         logp=torch.full((4,), math.log(0.5), dtype=F64)))
+        assert out.values.tolist() == pytest.approx(ONE_SIDED_LAMBDA_BAR[K], abs=1e-6)
+        assert out.metrics["delta/one_sided"] == 1.0 and out.metrics["delta/degenerate"] == 0.0
+        assert credit.state.degenerate_batches == 0
+        oracle = delta_reference(v, a, mask, DeltaConfig(K=K, empty_side="zero_centroid"))
+        torch.testing.assert_close(out.values, oracle, atol=1e-12, rtol=0)
+        uniform = DeltaCredit(DeltaConfig(K=K, mode=mode)).assign(  # the default: plain DAPO
+            CreditInputs(advantages=a, mask=mask, seq_index=torch.arange(4), hidden=2 * v,
+                         logp=torch.full((4,), math.log(0.5), dtype=F64)))
+        assert uniform.values.tolist() == [1.0] * 4 and uniform.metrics["delta/degenerate"] == 1.0
+
+
+def test_empty_side_config():
+    assert DeltaConfig().empty_side == "uniform"
+    with pytest.raises(ConfigError, match="empty_side"):
+        validate(DeltaConfig(empty_side="zero"), "credit.delta")  # type: ignore[arg-type]
+    two_sided = DeltaCredit(DeltaConfig(empty_side="zero_centroid")).assign(hand_credit_inputs())
+    torch.testing.assert_close(two_sided.values, DeltaCredit().assign(hand_credit_inputs()).values)  # no effect
+
+
 def test_selection_diagnostic():
     """Top / bottom 50 % by λ over the scope (ties at the cut kept), random 50 %; output is a mask."""
     v, a, mask, _ = random_batch(6)

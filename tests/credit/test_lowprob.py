@@ -1,16 +1,11 @@
 """Low-probability advantage re-weighting (baselines.md §9.2): toy Ã vectors and the ablation variants;
-the perplexity-based sequence variants (fidelity.md §4): toy numbers, and exact on 2 gloo ranks whose
-shards split the prompt groups."""
+the perplexity-based sequence variants (fidelity.md §4): toy numbers (on 2 and 4 gloo ranks whose
+shards split the prompt groups: tests/dist/fidelity_cases.py, run by tests/test_cp_token_sharding.py)."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from delta_megatron.credit.lowprob import LowProbConfig, LowProbCredit, lowprob_weight
 from delta_megatron.utils.configs import ConfigError, validate
@@ -130,47 +125,3 @@ def test_ppl_group_statistics_are_per_prompt():
     z = (g2 - g2.mean()) / (g2.std(unbiased=False) + 1e-6)
     assert w[4:7] == pytest.approx((1 - 0.1 * z).tolist(), abs=1e-6)
     assert w[:4] == pytest.approx(PPL[("ppl-norm", 0.1)][0][:4], abs=1e-6)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-SHARDS = ([0, 4, 6], [1, 2, 3, 5, 7])  # responses per rank: both prompt groups span both ranks
-
-
-def _dp_worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        tb = toy_batch()
-        inputs = tb.credit_inputs(torch.float64)
-        mine = torch.isin(tb.seq_index, torch.tensor(SHARDS[rank]))
-        for name in ("advantages", "mask", "seq_index", "token_ids", "logp", "entropy"):
-            setattr(inputs, name, getattr(inputs, name)[mine])  # global response ids stay
-        got = {}
-        for variant, c in PPL:
-            out = LowProbCredit(LowProbConfig(alpha=c, variant=variant)).assign(inputs, group=dist.group.WORLD)
-            got[variant] = (mine.nonzero().flatten().tolist(), out.values.double().tolist())
-        queue.put((rank, got))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.dist
-def test_ppl_variants_exact_under_dp_with_groups_spanning_ranks():
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.spawn(_dp_worker, args=(2, _free_port(), queue), nprocs=2, join=True)
-    results = [queue.get() for _ in range(2)]
-    tb = toy_batch()
-    for variant, c in PPL:
-        merged = torch.full((26,), float("nan"), dtype=torch.float64)
-        for _, got in results:
-            idx, vals = got[variant]
-            merged[idx] = torch.tensor(vals, dtype=torch.float64)
-        whole = LowProbCredit(LowProbConfig(alpha=c, variant=variant)).assign(tb.credit_inputs(torch.float64))
-        torch.testing.assert_close(merged, whole.values.double(), atol=1e-7, rtol=0)  # float32 output
-        assert per_response(tb, merged) == pytest.approx(PPL[(variant, c)][0], abs=1e-6)

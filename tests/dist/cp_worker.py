@@ -1,7 +1,8 @@
 """CP token-sharding worker: the log-prob stage, DelTA and the loss on CP chunks (chunk r and 2CP−1−r
 of every sequence) with statistics and losses reduced over the CP group. Attention itself is not
 sharded (megatron's CP attention needs TE): every rank runs the same tiny LM over whole sequences and
-keeps only its chunks, which is exactly what the per-token stages see under real CP."""
+keeps only its chunks, which is exactly what the per-token stages see under real CP. The same launch runs the fidelity.md
+worked examples under CP and DP splits (``tests/dist/fidelity_cases.py``)."""
 
 import sys
 
@@ -13,6 +14,7 @@ from delta_megatron.batch import RolloutBatch, cp_split
 from delta_megatron.credit.delta import DeltaConfig, DeltaEngine
 from delta_megatron.ops.logprob import chunked_logprob_from_hidden
 from delta_megatron.utils.configs import apply_overrides
+from tests.dist.fidelity_cases import fidelity_errors
 
 D, V = 16, 40
 
@@ -94,6 +96,7 @@ def main(out):
         shard = cp_split(batch, world, rank)
         got = run(batch, adv, embed, mix, head, shard.token_index, dist.group.WORLD, loss_name)
         results[loss_name] = [float((a - b).abs().max()) for a, b in zip(ref, got)]
+    results = {"cp": results, "fidelity": fidelity_errors(rank, world, dist.group.WORLD)}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()

@@ -13,11 +13,13 @@ tokens before it; the first token of each sequence has no prediction (0 there).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
 
+from delta_megatron.algo.fipo import fipo_loss
 from delta_megatron.algo.kl import kl_penalty
 from delta_megatron.batch import RolloutBatch
 from delta_megatron.credit.delta import DeltaConfig
@@ -141,10 +143,11 @@ def ppo_token_loss(logp, logp_old, adv, clip_low, clip_high, dual_c):
 
 
 def train_step(model, batch: RolloutBatch, logp_old: torch.Tensor, weight: torch.Tensor | None,
-               cfg, ref_logp: torch.Tensor | None = None) -> TrainRef:
+               cfg, ref_logp: torch.Tensor | None = None, loss_fn=None) -> TrainRef:
     """One rollout batch of PPO (one epoch, ``cfg.train.mini_batches`` Adam steps) on a copy of
     ``model``. ``cfg`` is the actor's Config (lr, betas, eps, clip, loss and KL settings); with
-    ``ref_logp`` the token-mean KL penalty ``cfg.algo.kl`` is added."""
+    ``ref_logp`` the token-mean KL penalty ``cfg.algo.kl`` is added. ``loss_fn(cur, mask)`` replaces
+    the DAPO loss: the mini-batch loss from the differentiable log p ``cur`` [T] and its tokens ``mask``."""
     model = copy.deepcopy(model).train()
     tr, loss_cfg = cfg.train, cfg.algo.loss
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
@@ -159,11 +162,14 @@ def train_step(model, batch: RolloutBatch, logp_old: torch.Tensor, weight: torch
         n = float(mask.sum())
         opt.zero_grad()
         cur = token_stats(model, batch, cfg.rollout.temperature, grad=True).logp
-        tok = ppo_token_loss(cur[mask], logp_old[mask], adv[mask], loss_cfg.clip_low,
-                             loss_cfg.clip_high, loss_cfg.dual_clip_c)
-        if weight is not None:
-            tok = tok * weight[mask]
-        loss = tok.sum() / n
+        if loss_fn is not None:
+            loss = loss_fn(cur, mask)
+        else:
+            tok = ppo_token_loss(cur[mask], logp_old[mask], adv[mask], loss_cfg.clip_low,
+                                 loss_cfg.clip_high, loss_cfg.dual_clip_c)
+            if weight is not None:
+                tok = tok * weight[mask]
+            loss = tok.sum() / n
         if ref_logp is not None:
             kl = kl_penalty(cur[mask], ref_logp[mask], cfg.algo.kl.estimator)
             kl_losses.append(float(kl.detach().sum() / n))
@@ -189,3 +195,31 @@ def score_sums(model, seqs: list[torch.Tensor], masks: list[torch.Tensor]) -> to
             lp[1:] = lsm[:-1].gather(1, s[1:, None])[:, 0]
             out[i] = lp[m.bool()].double().sum()
     return out
+
+
+def fidelity_loss(batch, logp_old: torch.Tensor, logp_rollout: torch.Tensor, cfg):
+    """The whole-mini-batch reference of fidelity.md §1 + §5: FIPO token losses and sequence filter,
+    TIS weight min(ρ, 2) and the geometric-mean mask [0.5, 2], token-mean over the kept tokens."""
+    adv, loss_cfg = batch["advantage_tokens"], cfg.algo.loss
+
+    def loss_fn(cur: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        seq = torch.unique(batch.seq_index[mask], return_inverse=True)[1]
+        n = int(seq.max()) + 1
+        out, keep = fipo_loss(cur[mask], logp_old[mask], adv[mask], torch.ones(len(seq), dtype=torch.bool), seq, n,
+                              loss_cfg.fipo, loss_cfg.clip_low, loss_cfg.clip_high, loss_cfg.dual_clip_c)
+        log_rho = (logp_old - logp_rollout)[mask].double()
+        mean = torch.zeros(n, dtype=torch.float64).index_add(0, seq, log_rho) / torch.bincount(seq, minlength=n)
+        keep = keep & (mean >= math.log(0.5))[seq] & (mean <= math.log(2.0))[seq]
+        return (out.loss * log_rho.exp().clamp(max=2.0).float() * keep).sum() / keep.sum()
+
+    return loss_fn
+
+
+def fidelity_step(model, batch: RolloutBatch, logp: torch.Tensor) -> TrainRef:
+    """The HF step of the actor tests' FIPO + seq-mask-tis run (``actor_worker.fidelity_fields`` on the
+    old-policy log-probs ``logp``), with :func:`fidelity_loss` per mini-batch."""
+    from tests.dist.actor_worker import FIDELITY, fidelity_fields, make_config
+
+    cfg = make_config(None, FIDELITY)
+    old, rollout = fidelity_fields(batch, logp)
+    return train_step(model, batch, old, None, cfg, loss_fn=fidelity_loss(batch, old, rollout, cfg))

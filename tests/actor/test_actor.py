@@ -11,7 +11,10 @@ transformers, one sequence at a time:
 * ``score_sequences`` = HF sums of log p;
 * ``train``: two PPO mini-batches (two Adam steps, the first one grad-norm clipped) give the same weights
   as the HF reference step with ``torch.optim.Adam`` (1e-5), for micro-batch budgets 24 and 4096
-  (and the plain vs the distributed optimizer); the first mini-batch's ``ppo_kl`` is 0.
+  (and the plain vs the distributed optimizer); the first mini-batch's ``ppo_kl`` is 0;
+* FIPO with the kept-token normaliser and seq-mask-tis, responses dropped in the forward of both
+  mini-batches: the actor's one gradient rescale equals the HF step on the whole mini-batch divided by
+  its kept tokens (budgets 24 and 4096; DP = 2 in test_actor_dist.py).
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ import pytest
 import torch
 
 from delta_megatron.actor.megatron_actor import MegatronActor
+from delta_megatron.algo.rollout_correction import mismatch_metrics
 from delta_megatron.credit.delta import DeltaConfig, DeltaCredit
 from delta_megatron.credit_contract import Capture, LossPlan
 from delta_megatron.parallel import destroy, init_distributed
 from tests.actor import hf_reference as ref_lib
 from tests.dist.actor_worker import (
+    FIDELITY,
     count_runs,
     export_weights,
+    fidelity_fields,
+    fidelity_run,
     make_batch,
     make_config,
     record_minibatches,
@@ -222,3 +229,29 @@ def test_train_step_is_independent_of_the_microbatch_budget(trained):
         torch.testing.assert_close(w, large.weights[name], **TOL, msg=name)
     for key in ("train/pg_loss", "train/ppo_kl", "train/grad_norm", "train/clip_frac"):
         assert small.mean[key] == pytest.approx(large.mean[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.fixture(scope="module")
+def fidelity_ref(ref):
+    return ref_lib.fidelity_step(ref.model, ref.batch, ref.tokens.logp)
+
+
+@pytest.mark.parametrize("budget", [24, 4096])
+def test_fipo_kept_and_seq_mask_tis_step_equals_reference(groups, hf_dir, ref, fidelity_ref, budget):
+    cfg = make_config(hf_dir, FIDELITY + [f"train.max_tokens_per_gpu_train={budget}"])
+    got = fidelity_run(MegatronActor(cfg.actor_config(), groups))
+    dropped = [m["train/norm_dropped"] for m in got["minis"]]
+    batch = make_batch()  # mini-batch 0 = samples 0..5 (34 loss tokens), 1 = samples 6..11
+    lens = batch.response_lens.tolist()
+    assert dropped[0] == pytest.approx((lens[1] + lens[3]) / sum(lens[:6]), abs=1e-12)  # FIPO s1, seq-mask s3
+    assert dropped[1] == pytest.approx(lens[9] / sum(lens[6:]), abs=1e-12)  # seq-mask s9
+    for k in range(2):
+        assert got["minis"][k]["train/grad_norm"] == pytest.approx(fidelity_ref.grad_norms[k], rel=1e-5)
+    for name, w in got["weights"].items():
+        torch.testing.assert_close(w, fidelity_ref.state_dict[name], **TOL, msg=name)
+    old, rollout = fidelity_fields(batch, ref.tokens.logp)
+    want = mismatch_metrics("seq-mask-tis", cfg.algo.mismatch, old, rollout, batch.loss_mask, batch.seq_index,
+                            batch.num_seqs)
+    assert want["mismatch/masked_frac"] == pytest.approx((lens[3] + lens[9]) / sum(lens), abs=1e-12)
+    for key, value in want.items():
+        assert got["mean"][f"train/{key}"] == pytest.approx(value, abs=1e-5), key

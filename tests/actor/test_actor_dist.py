@@ -13,6 +13,10 @@ transformers reference of ``hf_reference.py`` is checked too. Per layout, every 
 * HF weights after ``train`` (the union of the PP stages' senders; other DP replicas hold the same)
   — 1e-5; log p with the updated weights — 5e-5 (the weights' round-off, amplified).
 
+A ``--fidelity`` launch at DP = 2 trains FIPO (kept-token normaliser) with seq-mask-tis on a batch where
+both filters drop responses in the forward: the weights equal the HF step normalised by each
+mini-batch's kept tokens (the DP ranks' dropped fractions are summed before the one rescale).
+
 Sequence parallelism: megatron-core's local spec has no SP-capable norm without apex (its
 ``WrappedTorchNorm`` asserts ``not sequence_parallel``), so the SP layout runs with the worker's
 ``--sp-torch-norm`` (a torch RMSNorm marked ``sequence_parallel``; see the worker's docstring).
@@ -26,7 +30,7 @@ import pytest
 import torch
 
 from tests.actor import hf_reference as ref_lib
-from tests.dist.actor_worker import TOPK, score_inputs, write_hf_checkpoint
+from tests.dist.actor_worker import TOPK, load_hf, make_batch, score_inputs, write_hf_checkpoint
 from tests.dist.mg_common import torchrun
 
 pytestmark = pytest.mark.dist
@@ -155,3 +159,24 @@ def test_layout_equals_single_process(launch, hf_ref, layout):
     if layout == "dp2":
         assert not (ranks[0]["owned"] & ranks[1]["owned"]).any()  # disjoint shards
     check_layout(ranks, launch("single"), hf_ref)
+
+
+@pytest.mark.slow
+def test_fipo_kept_and_seq_mask_tis_dp2_equal_reference(hf_dir, tmp_path):
+    out = tmp_path / "fidelity_dp2"
+    out.mkdir()
+    torchrun("actor_worker.py", 2, ["--hf", str(hf_dir), "--out", str(out), "--dist-opt", "--fidelity"], timeout=300)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    model = load_hf(hf_dir)
+    batch = make_batch()
+    want = ref_lib.fidelity_step(model, batch, ref_lib.token_stats(model, batch).logp)
+    for res in ranks:
+        assert [m["train/norm_dropped"] > 0 for m in res["minis"]] == [True, True]
+        for k in range(2):
+            assert res["minis"][k]["train/grad_norm"] == pytest.approx(want.grad_norms[k], rel=1e-5)
+        assert res["mean"]["train/mismatch/masked_frac"] > 0
+    assert ranks[0]["minis"] == ranks[1]["minis"]  # reduced over DP
+    for res in ranks:  # both replicas stepped to the reference weights
+        assert set(res["weights"]) == set(want.state_dict) - {"lm_head.weight"}
+        for name, w in res["weights"].items():
+            torch.testing.assert_close(w, want.state_dict[name], **TOL, msg=name)

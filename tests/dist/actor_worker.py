@@ -98,6 +98,30 @@ def make_batch(vocab: int = 64, seed: int = 0):
     return batch
 
 
+# fidelity.md §1/§5 in the actor: FIPO (kept-token normaliser) with the seq-mask-tis rollout correction
+FIDELITY = ["algo.loss.name=fipo", "algo.rollout_correction=seq-mask-tis"]
+
+
+def fidelity_fields(batch, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp_old, logp_rollout) built from the old-policy log-probs ``logp`` so that responses leave
+    the normaliser in both mini-batches: two of sample 1's tokens (A < 0) at ratio e³ ≈ 20 > c
+    (dual-clipped twice: FIPO drops it), one of sample 10's (A < 0, dual-clipped once: kept); the engine
+    log-probs a little off everywhere (log ρ = −0.1 sin t) and by −1 on samples 3 and 9 (geometric-
+    mean ratio ≈ e > 2: seq-mask-tis drops them)."""
+    old = logp.clone()
+
+    def response(i: int) -> torch.Tensor:
+        t = batch.token_indices([i])
+        return t[batch.loss_mask[t]]
+
+    old[response(1)[:2]] -= 3.0
+    old[response(10)[:1]] -= 3.0
+    rollout = old + 0.1 * torch.sin(torch.arange(batch.num_tokens, dtype=old.dtype))
+    for i in (3, 9):
+        rollout[response(i)] -= 1.0
+    return old, rollout
+
+
 def score_inputs(batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Sequences and masks for ``score_sequences``: first five samples, responses only."""
     seqs, masks = [], []
@@ -167,6 +191,20 @@ def export_weights(actor) -> dict[str, torch.Tensor]:
     return out
 
 
+def fidelity_run(actor) -> dict:
+    """old_logprobs → ``fidelity_fields`` → train (two mini-batches); the stats and HF weights."""
+    from delta_megatron.credit_contract import LossPlan
+
+    batch = make_batch()
+    actor.old_logprobs(batch)
+    old, rollout = fidelity_fields(batch, batch["logp_old"])
+    batch.add_token_field("logp_old", old, overwrite=True)
+    batch.add_token_field("logp_rollout", rollout)
+    minis = record_minibatches(actor)
+    mean = actor.train(batch, LossPlan())
+    return {"minis": minis, "mean": mean, "weights": export_weights(actor)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True)
@@ -177,22 +215,28 @@ def main() -> None:
     ap.add_argument("--sp", action="store_true")
     ap.add_argument("--sp-torch-norm", action="store_true")
     ap.add_argument("--dist-opt", action="store_true")
+    ap.add_argument("--fidelity", action="store_true", help="only the FIPO + seq-mask-tis train step")
     args = ap.parse_args()
 
     from delta_megatron.actor.megatron_actor import MegatronActor
-    from delta_megatron.credit_contract import LossPlan
-    from tests.actor.hf_reference import capture_for
     from delta_megatron.credit.delta import DeltaConfig, DeltaCredit
+    from delta_megatron.credit_contract import LossPlan
     from delta_megatron.parallel import destroy, init_distributed
+    from tests.actor.hf_reference import capture_for
 
     if args.sp_torch_norm:
         install_sp_torch_norm()
     cfg = make_config(args.hf, [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
                                 f"parallel.vpp={args.vpp if args.vpp else 'null'}",
                                 f"parallel.sequence_parallel={str(args.sp).lower()}",
-                                f"parallel.distributed_optimizer={str(args.dist_opt).lower()}"])
+                                f"parallel.distributed_optimizer={str(args.dist_opt).lower()}"]
+                      + (FIDELITY if args.fidelity else []))
     groups = init_distributed(cfg.parallel, seed=3)
     try:
+        if args.fidelity:
+            torch.save(fidelity_run(MegatronActor(cfg.actor_config(), groups)) | {"dp_rank": groups.dp_cp_rank},
+                       Path(args.out) / f"rank{groups.rank}.pt")
+            return
         actor = MegatronActor(cfg.actor_config(), groups)
         runs = count_runs(actor)
         batch = make_batch()

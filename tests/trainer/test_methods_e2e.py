@@ -18,6 +18,8 @@ METHODS = {
     "delta_recompute": ["credit.methods=[delta]", "credit.delta.mode=recompute"],
     "delta_topk_proxy": ["credit.methods=[delta]", "credit.delta.proxy=topk_hidden", "credit.delta.topk_k=8"],
     "forking": ["credit.methods=[forking]"],
+    "forking+seq-mask-tis": ["credit.methods=[forking]", "algo.rollout_correction=seq-mask-tis"],
+    "lowprob_ppl": ["credit.methods=[lowprob]", "credit.lowprob.variant=ppl-norm-clamp"],
     "ktae": ["credit.methods=[ktae]"],
     "lowprob": ["credit.methods=[lowprob]"],
     "counterfactual": ["credit.methods=[counterfactual]"],
@@ -55,6 +57,11 @@ def test_one_rl_step(name, tmp_path):
         assert row["credit/delta/degenerate"] == 0.0
         assert abs(row["credit/delta/lambda_bar_mean"] - 1.0) < 1e-5
         assert 0.8 / 1.2 - 1e-6 <= row["credit/delta/lambda_bar_min"]
+    if name == "forking+seq-mask-tis":  # engine and actor agree up to float round-off on CPU
+        assert 0.0 <= row["train/mismatch/k3_kl"] < 1e-4 and row["train/mismatch/masked_frac"] == 0.0
+        assert row["train/mismatch/ratio_p1"] <= row["train/mismatch/ratio_p50"] <= row["train/mismatch/ratio_p99"]
+        assert abs(row["train/mismatch/ratio_p50"] - 1.0) < 1e-3
+        assert 0.0 <= row["train/clip_frac"] <= 1.0 and "train/clip_frac_selected" in row
     if name == "kl_k3":
         assert math.isfinite(row["train/kl_loss"]) and row["train/kl_loss"] >= 0.0
     if name == "delta_recompute":

@@ -50,7 +50,8 @@ class Trainer:
         self.engine = builders.build_engine(cfg, self.tokenizer) if self.rank0 else None
         self.actor = builders.build_actor(cfg, self.groups)
         self.decode_tokens = tokenizer_decoder(self.tokenizer)  # per-token strings
-        self.credit = CreditPipeline(cfg.credit, CreditContext(decode=self.decode_tokens))
+        self.credit = CreditPipeline(cfg.credit, CreditContext(decode=self.decode_tokens,
+                                                               token_group=self.groups.dp_cp))
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep)
         self.start_step = self._maybe_resume()
         self.log = MetricsLogger(self.out, cfg.logging.jsonl, cfg.logging.tensorboard,

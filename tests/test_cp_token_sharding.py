@@ -34,6 +34,7 @@ def test_cp_token_sharding_equals_cp1(tmp_path, cp):
     fidelity = results["fidelity"]
     cases = {"fipo-kept", "fipo-all", "none", "tis", "icepop", "seq-mask-tis", "metrics-none", "metrics-tis",
              "metrics-icepop", "metrics-seq-mask-tis"}
+    ppl = {"ppl", "ppl-norm", "ppl-norm-clamp"}
     assert set(fidelity) == {f"{layout}/{c}" for layout in ("cp", "dp") for c in cases} | {
-        "dp/lowprob-ppl", "dp/lowprob-ppl-norm", "dp/lowprob-ppl-norm-clamp"}
+        f"dp/lowprob-{v}" for v in ppl} | {f"{layout}/lowprob-owned-{v}" for layout in ("cp", "dp") for v in ppl}
     assert max(fidelity.values()) < 1e-5, {k: v for k, v in fidelity.items() if v >= 1e-5}

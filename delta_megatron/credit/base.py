@@ -47,6 +47,10 @@ class CreditInputs:
     hidden: torch.Tensor | None = None  # [tokens, d]
     rewards: torch.Tensor | None = None  # [num_seqs] fp32, scalar reward per response
     group_index: torch.Tensor | None = None  # [num_seqs] long, prompt group per response
+    # [tokens] bool: the tokens whose logp / entropy this rank computed (its DP×CP share; the others
+    # are 0 here). A method that aggregates them over tokens sums over ``CreditContext.token_group``.
+    # None: every token
+    owned: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,6 +68,7 @@ class CreditContext:
     """What a method may use besides its own config, built once by the trainer."""
 
     decode: Callable[[list[int]], list[str]] | None = None  # token ids → per-token strings
+    token_group: Any = None  # the ranks whose ``owned`` tokens partition the batch (DP×CP); None: one
 
 
 @runtime_checkable

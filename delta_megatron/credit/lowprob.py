@@ -125,14 +125,15 @@ class LowProbCredit:
         self.needs = CreditNeeds(logp=True)
 
     def assign(self, inputs: CreditInputs, group: Any = None) -> CreditOutput:
-        """Token variants are token-local; the sequence variants reduce per-response sums over
-        ``group`` (the ranks sharing the batch's tokens, None = this process holds them all).
-        Invalid tokens get factor 1."""
+        """Token variants are token-local; the sequence variants sum log π_old per response over the
+        tokens this rank holds (``inputs.owned``) and over ``group`` (the ranks sharing the batch's
+        tokens, None = this process holds them all). Invalid tokens get factor 1."""
         if inputs.logp is None:
             raise ValueError("low-prob re-weighting needs the old log-probs (needs.logp)")
         if self.cfg.variant in SEQUENCE_VARIANTS:
             num_seqs = len(inputs.rewards) if inputs.rewards is not None else None
-            w = ppl_weight(inputs.logp, inputs.mask, inputs.seq_index, self.cfg.alpha, self.cfg.variant,
+            known = inputs.mask if inputs.owned is None else inputs.mask & inputs.owned
+            w = ppl_weight(inputs.logp, known, inputs.seq_index, self.cfg.alpha, self.cfg.variant,
                            inputs.group_index, num_seqs, group)
         else:
             w = lowprob_weight(inputs.logp.double().exp(), self.cfg.alpha, self.cfg.variant)

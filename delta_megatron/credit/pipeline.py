@@ -34,6 +34,7 @@ from delta_megatron.credit_contract import Capture, LossPlan
 class CreditPipeline:
     def __init__(self, cfg: CreditConfig, context: CreditContext | None = None):
         self.cfg = cfg
+        self.context = context or CreditContext()
         self.methods = {name: build_method(name, getattr(cfg, name), context) for name in cfg.methods}
         per_batch = [n for n, m in self.methods.items() if not m.per_microbatch]
         self.order = sorted(per_batch, key=lambda n: TARGET_ORDER.index(self.methods[n].target))
@@ -90,18 +91,20 @@ class CreditPipeline:
             inputs.extra["score_fn"] = score_fn
             inputs.extra["prompt_ids"] = [batch.tokens[int(s):int(s) + int(p)] for s, p in
                                           zip(batch.cu_seqlens[:-1], batch.prompt_lens)]
-        return method.assign(inputs)
+        return method.assign(inputs, self.context.token_group)
 
     @staticmethod
     def _inputs(batch: RolloutBatch, adv: torch.Tensor, needs: Any) -> CreditInputs:
-        """Flat response-token view of the batch (every rank holds the whole batch)."""
+        """Flat response-token view of the batch (every rank holds the whole batch; its per-token
+        log-probs and entropies only on the tokens it ``owned`` in the old-log-prob pass)."""
         resp = batch.response_mask
         return CreditInputs(
             advantages=adv[resp], mask=torch.ones(int(resp.sum()), dtype=torch.bool),
             seq_index=batch.seq_index[resp], token_ids=batch.tokens[resp],
             logp=batch["logp_old"][resp] if needs.logp and "logp_old" in batch else None,
             entropy=batch["entropy"][resp] if needs.entropy and "entropy" in batch else None,
-            rewards=batch["reward"].float(), group_index=batch["group_id"])
+            rewards=batch["reward"].float(), group_index=batch["group_id"],
+            owned=batch["owned"][resp] if "owned" in batch else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {n: m.state_dict() for n, m in self.methods.items() if hasattr(m, "state_dict")}

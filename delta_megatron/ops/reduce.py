@@ -18,9 +18,16 @@ def group_size(group: Any) -> int:
 
 
 def all_reduce(tensor: torch.Tensor, group: Any, op: Any = None) -> torch.Tensor:
-    """In-place sum (or ``op``) over ``group``; a no-op for a single process."""
+    """In-place sum (or ``op``) over ``group``; a no-op for a single process. A CPU tensor over an
+    NCCL group goes through the current CUDA device (NCCL takes no CPU tensors)."""
     if group_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
+        op = dist.ReduceOp.SUM if op is None else op
+        if tensor.device.type == "cpu" and dist.get_backend(group) == "nccl":
+            buf = tensor.cuda()
+            dist.all_reduce(buf, op=op, group=group)
+            tensor.copy_(buf.cpu())
+        else:
+            dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
 

@@ -6,7 +6,8 @@
   balanced chunks of every response with the sequence statistics reduced over the group;
 * the batch mismatch metrics (k3-KL, masked / capped fractions, exact ratio percentiles) over the
   same token splits;
-* the PPL low-prob variants with responses (and so prompt groups) spread over the ranks.
+* the PPL low-prob variants with responses (and so prompt groups) spread over the ranks, both as
+  sharded inputs and as the credit pipeline's view (all tokens, log-probs only on owned ones).
 
 Returns the largest deviation from the hand-computed numbers per case (``{layout}/{case}``).
 """
@@ -86,6 +87,16 @@ def fidelity_errors(rank: int, world: int, group) -> dict[str, float]:
         values = LowProbCredit(LowProbConfig(alpha=c, variant=variant)).assign(inputs, group=group).values
         want = torch.tensor(w, dtype=torch.float64)[inputs.seq_index]
         errors[f"dp/lowprob-{variant}"] = float((values.double() - want).abs().max())
+    # as the credit pipeline sees it: every token on every rank, log π_old only on the owned ones
+    # (zeros elsewhere), owned = whole responses (DP) or tokens of every response (CP)
+    for layout, owned in (("dp", tb.seq_index % world == rank), ("cp", torch.arange(26) % world == rank)):
+        inputs = tb.credit_inputs(torch.float64)
+        inputs.logp = torch.where(owned, inputs.logp, torch.zeros_like(inputs.logp))
+        inputs.owned = owned
+        for (variant, c), (w, _) in PPL.items():
+            values = LowProbCredit(LowProbConfig(alpha=c, variant=variant)).assign(inputs, group=group).values
+            want = torch.tensor(w, dtype=torch.float64)[tb.seq_index]
+            errors[f"{layout}/lowprob-owned-{variant}"] = float((values.double() - want)[owned].abs().max())
     worst = torch.tensor(list(errors.values()), dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)  # every rank's local values
     return dict(zip(errors, worst.tolist()))

@@ -255,3 +255,11 @@ def test_fipo_kept_and_seq_mask_tis_step_equals_reference(groups, hf_dir, ref, f
     assert want["mismatch/masked_frac"] == pytest.approx((lens[3] + lens[9]) / sum(lens), abs=1e-12)
     for key, value in want.items():
         assert got["mean"][f"train/{key}"] == pytest.approx(value, abs=1e-5), key
+
+
+def test_rollout_correction_without_engine_logprobs_is_a_clear_error(groups, hf_dir):
+    actor = MegatronActor(make_config(hf_dir, ["algo.rollout_correction=tis"]).actor_config(), groups)
+    batch = make_batch()
+    actor.old_logprobs(batch)
+    with pytest.raises(ValueError, match=r"algo\.rollout_correction='tis'.*logp_rollout"):
+        actor.train(batch, LossPlan())

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from delta_megatron.config import Config
+from delta_megatron.config import Config, ConfigError, check_vocab
 from delta_megatron.data.datasets import load_dataset
 from delta_megatron.data.synthetic import ArithmeticConfig, ArithmeticTask, spec_variant, synthetic_dataset
 from delta_megatron.data.templates import BOXED_INSTRUCTION, encode_prompt, render_prompt
@@ -28,7 +28,8 @@ def arithmetic_task(cfg: Config) -> ArithmeticTask:
 
 def build_tokenizer(cfg: Config, out_dir: Path | None = None):
     """The HF tokenizer: the synthetic task's character tokenizer (saved to ``out_dir`` so HF exports
-    carry it), else ``data.tokenizer`` or ``model.hf_path``."""
+    carry it), else ``data.tokenizer`` or ``model.hf_path``. Fails before any work when
+    ``model.vocab_size`` cannot hold the tokenizer's ids."""
     from transformers import AutoTokenizer
 
     if is_synthetic(cfg) and cfg.data.tokenizer is None:
@@ -37,12 +38,15 @@ def build_tokenizer(cfg: Config, out_dir: Path | None = None):
         path = Path(out_dir or Path(cfg.logging.dir)) / "tokenizer"
         if not (path / "tokenizer.json").exists():
             save_char_tokenizer(path)
-        return load_hf_tokenizer(path), path
-    path = cfg.data.tokenizer or cfg.model.hf_path
-    if path is None:
-        raise ValueError("data.tokenizer: null — real datasets need a tokenizer directory "
-                         "(data.tokenizer or model.hf_path)")
-    return AutoTokenizer.from_pretrained(path), Path(path)
+        tokenizer = load_hf_tokenizer(path)
+    else:
+        path = cfg.data.tokenizer or cfg.model.hf_path
+        if path is None:
+            raise ConfigError("data.tokenizer", None, "real datasets need a tokenizer directory "
+                              "(data.tokenizer or model.hf_path)")
+        tokenizer, path = AutoTokenizer.from_pretrained(path), Path(path)
+    check_vocab(cfg.model.vocab_size, len(tokenizer), f"the tokenizer in {path}")
+    return tokenizer, path
 
 
 def build_datasets(cfg: Config) -> tuple[PromptDataset, list[PromptDataset]]:

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from delta_megatron.config import load_run_config
+from delta_megatron.utils.commands import command_parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """``delta-megatron eval``: sample an HF checkpoint on the run config's eval sets with the embedded
-    engine, print the markdown table and write ``eval.md`` / ``eval.csv``.
-
-        delta-megatron eval --config run.yaml --model runs/x/hf data.eval=[aime24,math500] eval.k=16
-    """
-    parser = argparse.ArgumentParser(prog="delta-megatron eval", description=main.__doc__)
+    engine, print the markdown table and write ``eval.md`` / ``eval.csv``."""
+    parser = command_parser(
+        "delta-megatron eval",
+        "Sample an HF checkpoint k times per question on the run config's eval sets (embedded engine)\n"
+        "and score the answers with the run's verifier: avg@k and pass@k per benchmark and overall.",
+        """\
+        an HF model directory (--model, or model.hf_path), a YAML config (--config) or a recipe
+        (--recipe) for data.eval, the template and eval.* settings; dotted overrides""",
+        """\
+        the markdown table on stdout; eval.md and eval.csv in --out (default <logging.dir>/eval)""",
+        ["delta-megatron eval --config run.yaml --model runs/x/hf data.eval=[aime24,math500] eval.k=16"])
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--config", help="YAML run config")
     src.add_argument("--recipe", help="module:function returning a Config (see pipelines/)")
     parser.add_argument("--model", help="HF checkpoint directory (sets model.hf_path)")
     parser.add_argument("--out", help="report directory (default: <logging.dir>/eval)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k=4")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     overrides = list(args.overrides) + ([f"model.hf_path={args.model}"] if args.model else [])
     cfg = load_run_config(args.config, args.recipe, overrides)
     if cfg.model.hf_path is None:

@@ -9,7 +9,6 @@ calls it; the TP-rank-0 rank of each pipeline stage (first DP replica) writes th
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from delta_megatron.checkpoint.manager import fsync_tree as _fsync_tree
 from delta_megatron.config import Config, ModelConfig
 from delta_megatron.models.converter import megatron_to_hf
 from delta_megatron.models.hf_config import to_hf_config
+from delta_megatron.utils.commands import command_parser
 
 __all__ = ["export_hf", "load_model_from_checkpoint", "main"]
 
@@ -221,7 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     from delta_megatron.config import load_config
     from delta_megatron.parallel import destroy, init_distributed
 
-    parser = argparse.ArgumentParser(prog="delta-megatron export", description=main.__doc__)
+    parser = command_parser(
+        "delta-megatron export",
+        "Convert a trainer checkpoint (megatron dist-ckpt) to an HF model directory through the same\n"
+        "converter the weight sync uses; written atomically (temp dir, fsync, rename).",
+        """\
+        CKPT: a checkpoint step dir, a checkpoints/ dir or a run dir (its newest checkpoint); the run's
+        config.yaml and tokenizer/ next to it (or --config / --tokenizer); overrides such as
+        parallel.tp=2 under torchrun for models that do not fit one device""",
+        """\
+        OUT: model(-0000N-of-0000M).safetensors (+ index when sharded), config.json,
+        generation_config.json and the tokenizer files""",
+        ["delta-megatron export runs/demo/delta runs/demo/delta/hf --dtype bfloat16"])
     parser.add_argument("ckpt", help="checkpoint step dir, checkpoints/ dir or run dir")
     parser.add_argument("out", help="HF output directory (written atomically)")
     parser.add_argument("--config", default=None, help="the run's YAML (default: <run>/config.yaml)")
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-shard-gb", type=float, default=4.0)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides (a.b=c)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     step_dir, run_dir = resolve_checkpoint(args.ckpt)
     config_path = Path(args.config) if args.config else run_dir / "config.yaml"
     if not config_path.exists():

@@ -9,7 +9,7 @@ is allowed. Algorithm and credit sections live next to their code (``algo/``, ``
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from delta_megatron.actor.config import ActorConfig, TrainConfig
@@ -17,6 +17,7 @@ from delta_megatron.algo.config import AlgoConfig
 from delta_megatron.checkpoint.config import CheckpointConfig
 from delta_megatron.credit.config import CreditConfig
 from delta_megatron.data.config import DataConfig
+from delta_megatron.data.synthetic import VOCAB as SYNTHETIC_VOCAB
 from delta_megatron.eval.config import EvalConfig
 from delta_megatron.models.config import ModelConfig
 from delta_megatron.parallel import ParallelConfig
@@ -25,11 +26,13 @@ from delta_megatron.rollout.config import RolloutConfig, SGLangConfig
 from delta_megatron.tracking import LoggingConfig
 from delta_megatron.utils.configs import (
     ConfigError,
+    Section,
     apply_overrides,
     dump_yaml,
     fail,
     from_dict,
     load_yaml,
+    option,
     to_dict,
     validate,
 )
@@ -37,23 +40,24 @@ from delta_megatron.utils.configs import (
 __all__ = [
     "Config", "ModelConfig", "ParallelConfig", "RolloutConfig", "SGLangConfig", "DataConfig",
     "TrainConfig", "CheckpointConfig", "LoggingConfig", "EvalConfig", "ConfigError", "load_config",
-    "to_dict", "dump_yaml", "apply_overrides", "from_dict", "recipe_config", "load_run_config",
+    "to_dict", "dump_yaml", "apply_overrides", "from_dict", "recipe_config", "load_run_config", "check_vocab",
 ]
 
 
 @dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    credit: CreditConfig = field(default_factory=CreditConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+class Config(Section):
+    model: ModelConfig = option(doc="the decoder's shapes and weights", default_factory=ModelConfig)
+    parallel: ParallelConfig = option(doc="Megatron parallel layout", default_factory=ParallelConfig)
+    rollout: RolloutConfig = option(doc="sampling and the rollout engine", default_factory=RolloutConfig)
+    algo: AlgoConfig = option(doc="advantages, policy loss, KL, reward shaping, filters",
+                              default_factory=AlgoConfig)
+    credit: CreditConfig = option(doc="token credit assignment", default_factory=CreditConfig)
+    reward: RewardConfig = option(doc="the verifier and its reward values", default_factory=RewardConfig)
+    data: DataConfig = option(doc="training and eval data", default_factory=DataConfig)
+    train: TrainConfig = option(doc="optimizer, schedule, PPO epochs, token budgets", default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = option(doc="checkpoints and resume", default_factory=CheckpointConfig)
+    logging: LoggingConfig = option(doc="run directory and metrics sinks", default_factory=LoggingConfig)
+    eval: EvalConfig = option(doc="periodic evaluation", default_factory=EvalConfig)
 
     def validate(self) -> None:
         """Cross-section rules (each section validates itself first)."""
@@ -70,6 +74,8 @@ class Config:
         delta = self.credit.delta
         if delta.proxy == "topk_hidden" and delta.topk_k > self.model.vocab_size:
             fail("credit.delta.topk_k", delta.topk_k, f"must be <= model.vocab_size={self.model.vocab_size}")
+        if self.data.train.startswith("synthetic:") and self.data.tokenizer is None:
+            check_vocab(self.model.vocab_size, len(SYNTHETIC_VOCAB), "the synthetic task's tokenizer")
 
     # ---------------------------------------------------------------- per-component views
     def actor_config(self) -> ActorConfig:
@@ -78,6 +84,12 @@ class Config:
         return ActorConfig(model=self.model, parallel=self.parallel, train=self.train, algo=self.algo,
                            logprob_temperature=self.rollout.temperature,
                            loss_const=self.algo.loss_const or float(self.rollout.max_new_tokens))
+
+
+def check_vocab(vocab_size: int, tokens: int, source: str) -> None:
+    """``model.vocab_size`` must hold every id the tokenizer produces (else an IndexError mid-step)."""
+    if vocab_size < tokens:
+        raise ConfigError("model.vocab_size", vocab_size, f"must be >= {tokens}, the size of {source}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

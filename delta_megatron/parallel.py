@@ -19,30 +19,29 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from delta_megatron.utils.configs import fail
+from delta_megatron.utils.configs import Section, fail, option
 
 __all__ = ["ParallelConfig", "Groups", "init_distributed", "destroy", "get_groups", "is_initialized", "free_port",
            "broadcast_object"]
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Section):
     """Megatron parallel layout. CP attention and FP8 need Transformer Engine (GPU only)."""
 
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    vpp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B)
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = True
-    layer_spec: Literal["auto", "local", "te"] = "auto"  # auto: TE when importable and CUDA present
-    fp8: Literal["none", "delayed", "current", "mxfp8"] = "none"
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    tp: int = option(1, "tensor-parallel size", ge=1)
+    pp: int = option(1, "pipeline-parallel size", ge=1)
+    cp: int = option(1, "context-parallel size (needs the TE layer spec)", ge=1)
+    vpp: int | None = option(None, "virtual pipeline stages per rank (interleaved 1F1B); null = off", ge=2)
+    sequence_parallel: bool = option(False, "shard norms/dropout activations over TP (needs tp > 1)")
+    distributed_optimizer: bool = option(True, "shard the optimizer state over data-parallel ranks")
+    layer_spec: Literal["auto", "local", "te"] = option(
+        "auto", "transformer layer kernels: te, local, or auto (TE when importable and CUDA present)")
+    fp8: Literal["none", "delayed", "current", "mxfp8"] = option("none", "FP8 recipe (TE layer spec)")
+    backend: Literal["auto", "nccl", "gloo"] = option("auto", "torch.distributed backend; auto: nccl with "
+                                                      "CUDA, else gloo")
 
     def validate(self) -> None:
-        for name in ("tp", "pp", "cp"):
-            if getattr(self, name) < 1:
-                fail(name, getattr(self, name), "must be >= 1")
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             fail("vpp", self.vpp, "interleaved pipelining needs vpp >= 2 and pp >= 2 (or vpp: null)")
         if self.sequence_parallel and self.tp == 1:

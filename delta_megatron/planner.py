@@ -13,7 +13,6 @@ business of ``launchers/``, which this library never imports.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import json
@@ -28,63 +27,52 @@ import yaml
 
 from delta_megatron import planner_model as pm
 from delta_megatron.config import Config, load_config
-from delta_megatron.utils.configs import ConfigError, apply_overrides, check_range, fail, from_dict
+from delta_megatron.utils.commands import command_parser
+from delta_megatron.utils.configs import ConfigError, Section, apply_overrides, fail, from_dict, option
 from delta_megatron.utils.configs import validate as validate_tree
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
 
 
 @dataclass
-class Hardware:
+class Hardware(Section):
     """One node type, from a profile's ``hardware:`` section. Bandwidths are per GPU, one direction,
     in GB/s (1e9); memory in GiB; ``*_mfu`` / ``decode_mbu`` are the achieved fractions of peak the
     time model assumes (calibrate them from a measured step, docs/planner.md)."""
 
-    gpu: str = "H100-SXM"
-    gpus_per_node: int = 8
-    hbm_gib: float = 80.0
-    reserved_gib: float = 6.0  # CUDA context, NCCL buffers, allocator fragmentation
-    bf16_tflops: float = 989.0  # dense
-    fp8_tflops: float = 1979.0
-    hbm_tbps: float = 3.35
-    nvlink_gbps: float = 450.0
-    ib_gbps: float = 50.0
-    host_mem_gib: float = 2048.0  # per node
-    fs_write_gbps: float = 5.0  # checkpoint write per node
-    train_mfu: float = 0.40
-    forward_mfu: float = 0.45
-    decode_mbu: float = 0.60
+    gpu: str = option("H100-SXM", "GPU model (a label; 'cpu' for CPU-only profiles)")
+    gpus_per_node: int = option(8, "GPUs (or CPU ranks) per node", ge=1)
+    hbm_gib: float = option(80.0, "memory per GPU (GiB)", gt=0)
+    reserved_gib: float = option(6.0, "CUDA context, NCCL buffers, allocator fragmentation (GiB)", ge=0)
+    bf16_tflops: float = option(989.0, "dense bf16 peak (TFLOP/s)", gt=0)
+    fp8_tflops: float = option(1979.0, "dense fp8 peak (TFLOP/s)", gt=0)
+    hbm_tbps: float = option(3.35, "memory bandwidth (TB/s)", gt=0)
+    nvlink_gbps: float = option(450.0, "intra-node bandwidth per GPU, one direction (GB/s)", gt=0)
+    ib_gbps: float = option(50.0, "inter-node bandwidth per GPU, one direction (GB/s)", gt=0)
+    host_mem_gib: float = option(2048.0, "host memory per node (GiB)", gt=0)
+    fs_write_gbps: float = option(5.0, "checkpoint write bandwidth per node (GB/s)", gt=0)
+    train_mfu: float = option(0.40, "achieved fraction of peak in training", gt=0, le=1)
+    forward_mfu: float = option(0.45, "achieved fraction of peak in no-grad forwards", gt=0, le=1)
+    decode_mbu: float = option(0.60, "achieved fraction of memory bandwidth in decode", gt=0, le=1)
 
     def validate(self) -> None:
-        for name in ("gpus_per_node", "hbm_gib", "bf16_tflops", "hbm_tbps", "nvlink_gbps", "ib_gbps",
-                     "fs_write_gbps"):
-            if getattr(self, name) <= 0:
-                fail(name, getattr(self, name), "must be > 0")
         if self.reserved_gib >= self.hbm_gib:
             fail("reserved_gib", self.reserved_gib, f"must be < hbm_gib={self.hbm_gib}")
-        for name in ("train_mfu", "forward_mfu", "decode_mbu"):
-            check_range(name, getattr(self, name), 0, 1, lo_open=True)
 
 
 @dataclass
-class PlanOptions:
+class PlanOptions(Section):
     """What the config does not say: the cluster shape and the length assumptions of the time model.
     Memory is always checked at the worst case (every response at ``rollout.max_new_tokens``)."""
 
-    nodes: int = 1  # actor nodes
-    rollout_nodes: int = 0  # 0: SGLang colocated on the actor GPUs; >0: its own nodes
-    recompute: Literal["none", "full"] = "none"
-    mean_response_frac: float = 0.5  # mean response length / max_new_tokens (time only)
-    mean_prompt_frac: float = 0.25  # mean prompt length / max_prompt_len (time only)
-    grad_bytes: int = 4  # megatron main grads (grad_reduce_in_fp32=True in actor/optimizer.py)
+    nodes: int = option(1, "actor nodes", ge=1)
+    rollout_nodes: int = option(0, "SGLang nodes; 0 = colocated on the actor GPUs", ge=0)
+    recompute: Literal["none", "full"] = option("none", "activation recompute in training")
+    mean_response_frac: float = option(0.5, "mean response length / max_new_tokens (time only)", gt=0, le=1)
+    mean_prompt_frac: float = option(0.25, "mean prompt length / max_prompt_len (time only)", gt=0, le=1)
+    grad_bytes: int = option(4, "bytes per main-grad element (fp32 in actor/optimizer.py)", ge=2, le=4)
 
     def validate(self) -> None:
-        if self.nodes < 1:
-            fail("nodes", self.nodes, "must be >= 1")
-        if self.rollout_nodes < 0:
-            fail("rollout_nodes", self.rollout_nodes, "must be >= 0")
-        check_range("mean_response_frac", self.mean_response_frac, 0, 1, lo_open=True)
-        check_range("mean_prompt_frac", self.mean_prompt_frac, 0, 1, lo_open=True)
         if self.grad_bytes not in (2, 4):
             fail("grad_bytes", self.grad_bytes, "2 (bf16) or 4 (fp32)")
 
@@ -306,7 +294,7 @@ def plan(cfg: Config, hw: Hardware, opts: PlanOptions) -> Plan:
     time_s = {"rollout prefill": prefill, "rollout decode": decode, "old-logprob pass": t_logprob,
               "delta extra fwd": extra * t_logprob, "train fwd+bwd": t_train_s,
               "dp grad sync": grad_sync, "weight sync": sync}
-    ckpt = (wbytes + 12) * pm.total_params(m) / (hw.fs_write_gbps * 1e9 * opts.nodes)
+    ckpt = checkpoint_save_seconds(cfg, hw, opts.nodes)
     notes.append(f"checkpoint save (weights + Adam) ~{ckpt:.0f} s at {hw.fs_write_gbps:g} GB/s/node; "
                  "the Slurm preemption signal lead must cover it plus one train phase")
     if delta_on and dcfg.mode != "cache":
@@ -317,6 +305,18 @@ def plan(cfg: Config, hw: Hardware, opts: PlanOptions) -> Plan:
                   recompute=recompute, fp8=par.fp8, responses=responses, seq_max=seq_max,
                   servers=servers, sglang_tp=sgl_tp, concurrency=concurrency, micro_batches=n_micro)
     return Plan(layout, memory, usable, time_s, problems, notes)
+
+
+def checkpoint_bytes(cfg: Config) -> float:
+    """Bytes of one trainer checkpoint: the weights in their dtype plus the fp32 main copy and Adam's
+    two moments (12 bytes per parameter) — what ``checkpoint.keep`` multiplies on disk."""
+    wbytes = 2 if cfg.model.params_dtype in ("bfloat16", "float16") else 4
+    return (wbytes + 12) * pm.total_params(dims(cfg))
+
+
+def checkpoint_save_seconds(cfg: Config, hw: Hardware, nodes: int) -> float:
+    """Time to write one checkpoint at the profile's per-node filesystem bandwidth."""
+    return checkpoint_bytes(cfg) / (hw.fs_write_gbps * 1e9 * nodes)
 
 
 def _hint(phase: str, component: str) -> str:
@@ -398,7 +398,18 @@ def load_recipe(spec: str, overrides: list[str] | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="delta-megatron plan", description=__doc__.split("\n")[0])
+    parser = command_parser(
+        "delta-megatron plan",
+        "Will this layout fit, and where will the step time go? Per-GPU memory of every component\n"
+        "(weights, grads, Adam, activations, log-prob chunks, DelTA cache, SGLang pool) at the worst\n"
+        "case, and the step time by component, from FLOPs and the cluster profile's bandwidths.",
+        """\
+        RECIPE: a recipe name (pipelines/*.RECIPES), module:function or a YAML config; --nodes,
+        --cluster (slurm/profiles/<name>.yaml hardware section), dotted overrides""",
+        """\
+        the plan on stdout (or JSON with --json); exit 0 if it fits, 1 if not (each failing component
+        named with its numbers and a hint), 2 on a bad config""",
+        ["delta-megatron plan qwen3-14b-delta --nodes 2 --cluster b200 parallel.cp=4"])
     parser.add_argument("recipe", help="recipe name, module:function, or a config YAML")
     parser.add_argument("--nodes", type=int, default=1, help="actor nodes")
     parser.add_argument("--cluster", default="b200", help="profile name or YAML path")

@@ -19,18 +19,26 @@ from typing import Any
 
 import torch
 
+from delta_megatron.utils.configs import Section, fail, option
+
 
 @dataclass
-class LoggingConfig:
-    dir: str = "runs/default"
-    jsonl: bool = True
-    tensorboard: bool = True
-    wandb_project: str | None = None
-    progress: bool = True
-    log_every: int = 1
-    # log the old policy's mean token entropy (one more reduction over the logits in the log-prob
-    # kernel); methods that need entropy capture it regardless
-    entropy: bool = True
+class LoggingConfig(Section):
+    dir: str = option("runs/default", "run directory: config.yaml, metrics.jsonl, samples, TensorBoard, "
+                                      "checkpoints")
+    jsonl: bool = option(True, "write metrics.jsonl (the source of truth for plots and tests)")
+    tensorboard: bool = option(True, "write TensorBoard event files")
+    wandb_project: str | None = option(None, "Weights & Biases project; null = off")
+    progress: bool = option(True, "show a progress bar with a one-line step summary")
+    log_every: int = option(1, "steps between sample/credit records (samples.jsonl)", ge=1)
+    entropy: bool = option(True, "log the old policy's mean token entropy (one more reduction over the "
+                                 "logits; methods that need entropy capture it regardless)")
+
+    def validate(self) -> None:
+        if not self.dir.strip():
+            fail("dir", self.dir, "a run directory (an empty path would write into the working directory)")
+        if self.wandb_project == "":
+            fail("wandb_project", "", "a project name or null")
 
 
 def _is_rank0() -> bool:

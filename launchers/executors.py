@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -29,33 +29,33 @@ import nemo_run as run
 import yaml
 
 from delta_megatron.planner import Hardware, profile_path
-from delta_megatron.utils.configs import fail, from_dict, validate
+from delta_megatron.utils.configs import Section, fail, from_dict, option, validate
 from launchers.requeue import batch_setup_lines, parse_signal, torchrun_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
-class SlurmProfile:
+class SlurmProfile(Section):
     """The ``slurm:`` section of a profile: everything sbatch/srun needs besides the node count."""
 
-    account: str = "local"
-    partition: str | None = None
-    time: str = "01:00:00"
-    exclusive: bool = False
-    gpus_per_node: int = 0  # 0: CPU ranks (hardware.gpus_per_node of them per node)
-    cpus_per_task: int | None = None
-    mem: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    container_image: str | None = None
-    container_mounts: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    srun_args: list[str] = field(default_factory=list)
-    signal: str | None = "B:USR1@120"  # null: no preemption signal
-    max_requeues: int = 0  # NeMo-Run's retries: requeue after a failed run (not preemption)
-    packager: Literal["git", "none"] = "none"
-    run_dir: str | None = None  # where logs/checkpoints go on the cluster; default: the job dir
+    account: str = option("local", "sbatch --account")
+    partition: str | None = option(None, "sbatch --partition; null = the cluster default")
+    time: str = option("01:00:00", "job time limit [D-]HH:MM[:SS]")
+    exclusive: bool = option(False, "sbatch --exclusive")
+    gpus_per_node: int = option(0, "GPUs per node; 0 = CPU ranks (hardware.gpus_per_node of them)", ge=0)
+    cpus_per_task: int | None = option(None, "sbatch --cpus-per-task", ge=1)
+    mem: str | None = option(None, "sbatch --mem ('0' = all of the node's memory)")
+    qos: str | None = option(None, "sbatch --qos")
+    constraint: str | None = option(None, "sbatch --constraint")
+    container_image: str | None = option(None, "container image (Pyxis/enroot); null = bare metal")
+    container_mounts: list[str] = option(doc="container mounts SRC:DST", default_factory=list)
+    env: dict[str, str] = option(doc="environment variables of the job", default_factory=dict)
+    srun_args: list[str] = option(doc="extra srun arguments", default_factory=list)
+    signal: str | None = option("B:USR1@120", "preemption signal before the time limit; null = none")
+    max_requeues: int = option(0, "NeMo-Run's retries: requeue after a failed run (not preemption)", ge=0)
+    packager: Literal["git", "none"] = option("none", "ship the code as a git archive, or use it in place")
+    run_dir: str | None = option(None, "where logs/checkpoints go on the cluster; null = the job dir")
 
     def validate(self) -> None:
         if not re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){1,2}", self.time):
@@ -65,15 +65,13 @@ class SlurmProfile:
                 parse_signal(self.signal)
             except ValueError as err:
                 fail("signal", self.signal, str(err))
-        if self.gpus_per_node < 0 or self.max_requeues < 0:
-            fail("gpus_per_node", self.gpus_per_node, "counts must be >= 0")
 
 
 @dataclass
-class ClusterProfile:
-    name: str
-    hardware: Hardware = field(default_factory=Hardware)
-    slurm: SlurmProfile = field(default_factory=SlurmProfile)
+class ClusterProfile(Section):
+    name: str = option(doc="profile name")
+    hardware: Hardware = option(doc="node hardware (read by the planner)", default_factory=Hardware)
+    slurm: SlurmProfile = option(doc="sbatch/srun settings", default_factory=SlurmProfile)
 
     @property
     def ranks_per_node(self) -> int:

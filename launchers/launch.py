@@ -24,6 +24,7 @@ import nemo_run as run
 
 from delta_megatron.config import Config, dump_yaml
 from delta_megatron.planner import PlanOptions, call_recipe, load_recipe, plan, recipe_function
+from delta_megatron.utils.commands import command_parser
 from delta_megatron.utils.configs import ConfigError, apply_overrides, validate
 from launchers.executors import (
     ClusterProfile,
@@ -170,7 +171,19 @@ def launch(runs: dict[str, Config], *, executor: str, profile: ClusterProfile, n
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="delta-megatron launch", description=__doc__.split("\n")[0])
+    parser = command_parser(
+        "delta-megatron launch",
+        "Submit a recipe as a NeMo-Run experiment: one Slurm job per run (or torchrun on this machine\n"
+        "with --executor local); every rank runs `delta_megatron.train --resume auto`, so a requeued\n"
+        "job continues from its last checkpoint. On Slurm the planner's fit check runs first.",
+        """\
+        RECIPE: a recipe name (pipelines/*.RECIPES; a sweep recipe = one job per run), module:function
+        or a YAML config; --cluster (slurm/profiles/<name>.yaml), --nodes, dotted overrides""",
+        """\
+        the experiment id and job ids (or, with --dry-run, the sbatch scripts on stdout); logs and
+        checkpoints in the profile's run_dir (default: the job directory)""",
+        ["delta-megatron launch qwen3-8b-delta --executor slurm --cluster b200 --nodes 2 --doctor",
+         "delta-megatron launch pipelines.tiny_arith_cpu:smoke_config --executor local"])
     parser.add_argument("recipe", help="recipe name, module:function, or a config YAML")
     parser.add_argument("--executor", choices=["local", "slurm"], default="local")
     parser.add_argument("--cluster", default="local", help="profile name or YAML path")

@@ -80,7 +80,8 @@ def paper_config(size: str, *, nodes: int = 1, fp8: bool = False) -> Config:
     tr.deterministic = False
     al = cfg.algo
     al.loss.name, al.loss.clip_low, al.loss.clip_high, al.loss.dual_clip_c = "ppo", 0.2, 0.28, 10.0
-    al.aggregation, al.reward = "token-mean", "dapo"
+    al.aggregation = "token-mean"
+    cfg.reward.kind, cfg.reward.variant = "math", "dapo"  # DAPO's +1/-1 (verl math_dapo)
     al.kl.estimator = "none"
     al.overlong.enabled, al.overlong.buffer_len, al.overlong.penalty_factor = True, 4096, 1.0
     al.dynamic_sampling.enabled = False

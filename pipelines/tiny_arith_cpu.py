@@ -31,7 +31,7 @@ def config(out: str = "runs/demo", method: str = "delta", steps: int = 40, seed:
         "data.train=synthetic:arith", "data.synthetic_digits=3", f"data.shuffle_seed={seed}",
         "rollout.n_samples=8", "rollout.max_new_tokens=6", "rollout.temperature=1.0",
         f"train.steps={steps}", "train.prompts_per_step=64", "train.mini_batches=2", "train.lr=5e-4",
-        "train.warmup_steps=5", "train.grad_clip=1.0", f"train.seed={seed}",
+        f"train.warmup_steps={min(5, steps)}", "train.grad_clip=1.0", f"train.seed={seed}",
         "train.max_tokens_per_gpu_logprob=1024", "train.max_tokens_per_gpu_train=1024",
         "algo.loss.name=ppo", "algo.loss.clip_low=0.2", "algo.loss.clip_high=0.28",
         f"credit.methods=[{method}]" if method != "dapo" else "credit.methods=[]",

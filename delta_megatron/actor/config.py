@@ -4,57 +4,57 @@ the actor's own config, composed from the run config's sections by ``Config.acto
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from delta_megatron.algo.config import AlgoConfig
 from delta_megatron.models.config import ModelConfig
 from delta_megatron.parallel import ParallelConfig
-from delta_megatron.utils.configs import check_range, fail
+from delta_megatron.utils.configs import Section, fail, option
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 60
-    prompts_per_step: int = 64
-    mini_batches: int = 2  # optimizer steps per rollout batch (per PPO epoch)
-    ppo_epochs: int = 1
-    lr: float = 5e-4
-    min_lr: float = 0.0
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    max_tokens_per_gpu_logprob: int = 16384
-    max_tokens_per_gpu_train: int = 8192
-    logprob_chunk_tokens: int = 1024  # tokens per vocab chunk loop in the log-prob kernel
-    seed: int = 1234
-    deterministic: bool = True
+class TrainConfig(Section):
+    steps: int = option(60, "RL steps (rollout batches)", ge=1)
+    prompts_per_step: int = option(64, "prompts per rollout batch (each sampled rollout.n_samples times)", ge=1)
+    mini_batches: int = option(2, "optimizer steps per rollout batch (per PPO epoch); divides "
+                                  "prompts_per_step", ge=1)
+    ppo_epochs: int = option(1, "passes over each rollout batch", ge=1)
+    lr: float = option(5e-4, "peak learning rate", gt=0)
+    min_lr: float = option(0.0, "final learning rate of the cosine/linear decay; <= lr", ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = option("constant", "learning-rate decay after "
+                                                                               "warm-up")
+    warmup_steps: int = option(5, "RL steps of linear warm-up from 0; <= steps", ge=0)
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay", ge=0)
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam (beta1, beta2)", ge=0, lt=1)
+    adam_eps: float = option(1e-8, "Adam epsilon", gt=0)
+    grad_clip: float = option(1.0, "global gradient-norm clip; 0 = off", ge=0)
+    max_tokens_per_gpu_logprob: int = option(16384, "token budget of one log-prob micro-batch per GPU", ge=1)
+    max_tokens_per_gpu_train: int = option(8192, "token budget of one train micro-batch per GPU", ge=1)
+    logprob_chunk_tokens: int = option(1024, "tokens per vocab chunk in the log-prob kernel", ge=1)
+    seed: int = option(1234, "seed of init, sampling and every random draw", ge=0)
+    deterministic: bool = option(True, "deterministic kernels (megatron deterministic_mode; on CUDA also "
+                                       "torch deterministic algorithms and cuBLAS workspace)")
 
     def validate(self) -> None:
-        for name in ("steps", "prompts_per_step", "mini_batches", "ppo_epochs",
-                     "max_tokens_per_gpu_logprob", "max_tokens_per_gpu_train", "logprob_chunk_tokens"):
-            if getattr(self, name) < 1:
-                fail(name, getattr(self, name), "must be >= 1")
         if self.prompts_per_step % self.mini_batches:
             fail("mini_batches", self.mini_batches,
                  f"must divide prompts_per_step={self.prompts_per_step}")
-        check_range("lr", self.lr, 0, None, lo_open=True)
-        check_range("grad_clip", self.grad_clip, 0, None)
-        if self.warmup_steps < 0:
-            fail("warmup_steps", self.warmup_steps, "must be >= 0")
+        if self.warmup_steps > self.steps:
+            fail("warmup_steps", self.warmup_steps, f"must be <= steps={self.steps}")
+        if self.min_lr > self.lr:
+            fail("min_lr", self.min_lr, f"must be <= lr={self.lr:g}")
 
 
 @dataclass
-class ActorConfig:
+class ActorConfig(Section):
     """Everything the Megatron actor reads, and nothing more; not a YAML section of its own but a
     view of the run config (``Config.actor_config``), so the actor never reads ``rollout.*``."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    logprob_temperature: float = 1.0  # π_old is the sampling distribution: log-probs at its temperature
-    loss_const: float = 32.0  # Dr.GRPO L_const (algo.loss_const, default rollout.max_new_tokens)
+    model: ModelConfig = option(doc="the model section", default_factory=ModelConfig)
+    parallel: ParallelConfig = option(doc="the parallel section", default_factory=ParallelConfig)
+    train: TrainConfig = option(doc="the train section", default_factory=TrainConfig)
+    algo: AlgoConfig = option(doc="the algo section", default_factory=AlgoConfig)
+    logprob_temperature: float = option(1.0, "π_old is the sampling distribution: log-probs at its "
+                                             "temperature", gt=0)
+    loss_const: float = option(32.0, "Dr.GRPO L_const (algo.loss_const, default rollout.max_new_tokens)", gt=0)

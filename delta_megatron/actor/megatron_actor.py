@@ -39,6 +39,7 @@ from delta_megatron.models.gpt import (
     resolve_layer_spec,
     return_hidden,
     unwrap,
+    use_deterministic_kernels,
 )
 from delta_megatron.ops.logprob import chunked_logprob_from_hidden
 from delta_megatron.parallel import Groups, get_groups
@@ -53,8 +54,10 @@ class MegatronActor:
         self.backend = resolve_layer_spec(cfg.parallel)
         self.sp = cfg.parallel.sequence_parallel and cfg.parallel.tp > 1
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        chunks = build_model_chunks(cfg.model, cfg.parallel,
-                                    config_overrides={"calculate_per_token_loss": True})
+        if cfg.train.deterministic:
+            use_deterministic_kernels()
+        chunks = build_model_chunks(cfg.model, cfg.parallel, config_overrides={
+            "calculate_per_token_loss": True, "deterministic_mode": cfg.train.deterministic})
         self.model = wrap_ddp(chunks, cfg.parallel)
         steps = total_optimizer_steps or cfg.train.steps * cfg.train.mini_batches * cfg.train.ppo_epochs
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.model, cfg.parallel, cfg.train, steps)

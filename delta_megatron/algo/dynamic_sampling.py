@@ -14,21 +14,17 @@ from typing import Literal
 import torch
 
 from delta_megatron.batch import RolloutBatch
-from delta_megatron.utils.configs import fail
+from delta_megatron.utils.configs import Section, option
 
 
 @dataclass
-class DynamicSamplingConfig:
-    enabled: bool = False
-    # per-response value whose group std decides: "acc" (0/1 correctness, DAPO) or "reward" (the
-    # verifier's reward value, e.g. partial credit, before overlong shaping)
-    metric: Literal["acc", "reward"] = "acc"
-    max_gen_batches: int = 10  # ≤ 0: unlimited
-    gen_batch_multiplier: int = 3  # prompts generated per round = multiplier × prompts_per_step
-
-    def validate(self) -> None:
-        if self.gen_batch_multiplier < 1:
-            fail("gen_batch_multiplier", self.gen_batch_multiplier, "must be >= 1")
+class DynamicSamplingConfig(Section):
+    enabled: bool = option(False, "keep only prompt groups whose metric varies (DAPO)")
+    metric: Literal["acc", "reward"] = option(
+        "acc", "per-response value whose group std decides: acc (0/1 correctness, DAPO) or reward (the "
+               "verifier's value, e.g. partial credit, before overlong shaping)")
+    max_gen_batches: int = option(10, "generation rounds before giving up; 0 = unlimited", ge=0)
+    gen_batch_multiplier: int = option(3, "prompts per round = multiplier x train.prompts_per_step", ge=1)
 
 
 def keep_groups(metric: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:

@@ -31,29 +31,24 @@ import torch.distributed as dist
 
 from delta_megatron.algo.loss_api import POLICY_LOSSES, PolicyLossInputs, TokenLoss
 from delta_megatron.algo.ppo_clip import log_ratio, ppo_clip_from_ratio
-from delta_megatron.utils.configs import fail, option
+from delta_megatron.utils.configs import Section, fail, option
 
 
 @dataclass
-class FIPOConfig:
-    decay_rate: float = 32.0  # τ_d, half-life in tokens
-    f_range: tuple[float, float] = (1.0, 1.2)
-    safety_thresh: float = 10.0
-    chunk: int = 128
-    seq_filter: bool = True
+class FIPOConfig(Section):
+    decay_rate: float = option(32.0, "τ_d: half-life of the future-KL discount, in tokens", gt=0)
+    f_range: tuple[float, float] = option((1.0, 1.2), "clip [f_lo, f_hi] of the future-KL factor", gt=0)
+    safety_thresh: float = option(10.0, "ratio above which a negative-advantage token's factor is "
+                                        "clipped to [0.8, 1]", gt=0)
+    chunk: int = option(128, "tokens per block of the suffix-sum matmul", ge=1)
+    seq_filter: bool = option(True, "drop responses with more than one dual-clipped negative token")
     normalizer: Literal["kept", "all"] = option(
         "kept", "token-mean denominator: tokens the sequence filter keeps (reference) or all tokens")
 
     def validate(self) -> None:
-        if self.normalizer not in ("kept", "all"):
-            fail("normalizer", self.normalizer, "allowed: 'kept', 'all'")
-        if self.decay_rate <= 0:
-            fail("decay_rate", self.decay_rate, "must be > 0")
         lo, hi = self.f_range
         if not 0 < lo <= 1 <= hi:
             fail("f_range", self.f_range, "need 0 < lower <= 1 <= upper")
-        if self.chunk < 1:
-            fail("chunk", self.chunk, "must be >= 1")
 
 
 def positions_in_sequence(seq_index: torch.Tensor, num_seqs: int) -> torch.Tensor:

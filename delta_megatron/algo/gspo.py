@@ -17,17 +17,13 @@ import torch.distributed as dist
 
 from delta_megatron.algo.loss_api import POLICY_LOSSES, PolicyLossInputs, TokenLoss
 from delta_megatron.algo.ppo_clip import ppo_clip_from_ratio
-from delta_megatron.utils.configs import check_range
+from delta_megatron.utils.configs import Section, option
 
 
 @dataclass
-class GSPOConfig:
-    clip_low: float = 3e-4
-    clip_high: float = 4e-4
-
-    def validate(self) -> None:
-        check_range("clip_low", self.clip_low, 0, 1)
-        check_range("clip_high", self.clip_high, 0, None)
+class GSPOConfig(Section):
+    clip_low: float = option(3e-4, "sequence-ratio clip ε_low", ge=0, le=1)
+    clip_high: float = option(4e-4, "sequence-ratio clip ε_high", ge=0)
 
 
 def gspo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,

@@ -11,19 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
-from delta_megatron.utils.configs import fail
+from delta_megatron.utils.configs import Section, fail, option
 
 
 @dataclass
-class OverlongConfig:
-    enabled: bool = False
-    max_len: int | None = None  # L_max; default: rollout.max_new_tokens
-    buffer_len: int = 4096  # L_cache
-    penalty_factor: float = 1.0  # κ
+class OverlongConfig(Section):
+    enabled: bool = option(False, "add the soft overlong penalty to the reward")
+    max_len: int | None = option(None, "L_max; null = rollout.max_new_tokens", ge=1)
+    buffer_len: int = option(4096, "L_cache: length of the linear penalty ramp before L_max", ge=1)
+    penalty_factor: float = option(1.0, "κ: penalty at and beyond L_max", ge=0)
 
     def validate(self) -> None:
-        if self.buffer_len < 1:
-            fail("buffer_len", self.buffer_len, "must be >= 1")
         if self.max_len is not None and self.max_len <= self.buffer_len:
             fail("max_len", self.max_len, f"must exceed buffer_len={self.buffer_len}")
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from delta_megatron.ops.reduce import all_reduce, kth_largest
-from delta_megatron.utils.configs import fail, option
+from delta_megatron.utils.configs import Section, fail, option
 from delta_megatron.utils.registry import Registry
 
 __all__ = ["ROLLOUT_CORRECTIONS", "Correction", "MismatchConfig", "mismatch_metrics", "rollout_correction",
@@ -35,7 +35,7 @@ ROLLOUT_CORRECTIONS: Registry = Registry("rollout correction")
 
 
 @dataclass
-class MismatchConfig:
+class MismatchConfig(Section):
     """Bounds of ``algo.rollout_correction`` (the section ``algo.mismatch``)."""
 
     tis_cap: float = option(2.0, "tis / seq-mask-tis: cap C of the token weight min(π_old/π_rollout, C)",

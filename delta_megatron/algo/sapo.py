@@ -12,17 +12,13 @@ import torch
 
 from delta_megatron.algo.loss_api import POLICY_LOSSES, PolicyLossInputs, TokenLoss
 from delta_megatron.algo.ppo_clip import log_ratio
-from delta_megatron.utils.configs import check_range
+from delta_megatron.utils.configs import Section, option
 
 
 @dataclass
-class SAPOConfig:
-    tau_pos: float = 1.0
-    tau_neg: float = 1.05
-
-    def validate(self) -> None:
-        check_range("tau_pos", self.tau_pos, 0, None, lo_open=True)
-        check_range("tau_neg", self.tau_neg, 0, None, lo_open=True)
+class SAPOConfig(Section):
+    tau_pos: float = option(1.0, "gate temperature τ for positive advantages", gt=0)
+    tau_neg: float = option(1.05, "gate temperature τ for negative advantages", gt=0)
 
 
 def sapo_gate(ratio: torch.Tensor, advantages: torch.Tensor, tau_pos: float,

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from delta_megatron.utils.configs import Section, fail, option
+
 
 @dataclass
-class CheckpointConfig:
-    dir: str | None = None  # default: <logging.dir>/checkpoints
-    every: int = 0  # steps between saves; 0 = only at the end
-    keep: int = 2
-    resume: str = "none"  # none | auto | <path>
+class CheckpointConfig(Section):
+    dir: str | None = option(None, "checkpoint directory; null = <logging.dir>/checkpoints")
+    every: int = option(0, "steps between saves; 0 = only at the end (and on preemption)", ge=0)
+    keep: int = option(2, "newest checkpoints kept; older ones are deleted", ge=1)
+    resume: str = option("none", "none, auto (newest checkpoint in dir, else start), or a checkpoint path")
+
+    def validate(self) -> None:
+        if self.dir is not None and not self.dir.strip():
+            fail("dir", self.dir, "a directory, or null for <logging.dir>/checkpoints")
+        if not self.resume.strip():
+            fail("resume", self.resume, "none, auto or a checkpoint path")

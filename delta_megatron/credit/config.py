@@ -6,7 +6,7 @@ method's file, under the name the method is registered with (``credit.<name>``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from delta_megatron.credit.base import CREDIT_METHODS
 from delta_megatron.credit.counterfactual import CounterfactualConfig
@@ -14,17 +14,19 @@ from delta_megatron.credit.delta import DeltaConfig
 from delta_megatron.credit.forking import ForkingConfig
 from delta_megatron.credit.ktae import KTAEConfig
 from delta_megatron.credit.lowprob import LowProbConfig
-from delta_megatron.utils.configs import fail
+from delta_megatron.utils.configs import Section, fail, option
 
 
 @dataclass
-class CreditConfig:
-    methods: list[str] = field(default_factory=list)  # [] = plain DAPO/GRPO token credit
-    delta: DeltaConfig = field(default_factory=DeltaConfig)
-    ktae: KTAEConfig = field(default_factory=KTAEConfig)
-    lowprob: LowProbConfig = field(default_factory=LowProbConfig)
-    forking: ForkingConfig = field(default_factory=ForkingConfig)
-    counterfactual: CounterfactualConfig = field(default_factory=CounterfactualConfig)
+class CreditConfig(Section):
+    methods: list[str] = option(doc="token-credit methods in composition order; [] = plain DAPO/GRPO credit",
+                                default_factory=list)
+    delta: DeltaConfig = option(doc="DelTA", default_factory=DeltaConfig)
+    ktae: KTAEConfig = option(doc="KTAE key-token advantages", default_factory=KTAEConfig)
+    lowprob: LowProbConfig = option(doc="low-probability token re-weighting", default_factory=LowProbConfig)
+    forking: ForkingConfig = option(doc="Forking Tokens (top-entropy tokens only)", default_factory=ForkingConfig)
+    counterfactual: CounterfactualConfig = option(doc="counterfactual span importance",
+                                                  default_factory=CounterfactualConfig)
 
     def validate(self) -> None:
         for i, name in enumerate(self.methods):

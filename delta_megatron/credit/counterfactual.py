@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -48,7 +48,7 @@ from delta_megatron.credit.base import (
     ScoreFn,
 )
 from delta_megatron.credit.spans import SpanLayout, detect_spans, formatting_mask
-from delta_megatron.utils.configs import check_range, fail, validate
+from delta_megatron.utils.configs import Section, fail, option, validate
 
 EXTRA_SCORE_FN = "score_fn"
 EXTRA_PROMPT_IDS = "prompt_ids"
@@ -56,48 +56,38 @@ EXTRA_TOKEN_STRS = "token_strs"
 
 
 @dataclass
-class CounterfactualConfig:
+class CounterfactualConfig(Section):
     """§10 defaults (aligntune): w_min 0.5, boost 2.0, answer 1.5, ≤ 10 spans, conservation on."""
 
-    variant: Literal["blog", "aligntune"] = "aligntune"
-    mode: Literal["counterfactual", "random", "inverted"] = "counterfactual"
-    w_min: float = 0.5  # min_weight
-    w_max: float = 2.0  # boost
-    answer_weight: float = 1.5
-    base_importance: float = 0.2  # aligntune: importance of non-span reasoning tokens
-    max_spans: int = 10
-    min_sentence_tokens: int = 5
-    max_span_tokens: int = 50
-    latex_backslash_max: float = 0.3
-    formatting_factor: float = 0.1
-    gradient_conservation: bool = True
-    skip_equal_advantages: bool = True  # all advantages equal (std < equal_adv_std): weights 1
-    equal_adv_std: float = 1e-6
-    skip_zero_advantage: bool = True  # A_i = 0: the weights cannot matter, spend no forwards
-    dedupe: bool = True  # hash cache for duplicate completions (per call)
-    arithmetic_quirk: bool = False  # reproduce the reference's operator character class
-    drop_per_token: bool = False  # aligntune: add drop_k/|s_k| (later reference) instead of drop_k
-    boxed_answer_keeps_min_weight: bool = False  # reference quirk, see module docstring
-    mask_token_id: int = 151643  # pad id written over masked spans (Qwen <|endoftext|>)
-    stop_ids: list[int] = field(default_factory=lambda: [151643, 151645])  # pad/EOS: region end
-    seed: int = 0  # random mode
+    variant: Literal["blog", "aligntune"] = option("aligntune", "importance formula: blog or aligntune")
+    mode: Literal["counterfactual", "random", "inverted"] = option(
+        "counterfactual", "span importance from masking (counterfactual) or the random/inverted controls")
+    w_min: float = option(0.5, "min_weight: weight of the least important tokens", gt=0)
+    w_max: float = option(2.0, "boost: weight of the most important tokens; >= w_min", gt=0)
+    answer_weight: float = option(1.5, "weight of the answer tokens", gt=0)
+    base_importance: float = option(0.2, "aligntune: importance of non-span reasoning tokens", ge=0)
+    max_spans: int = option(10, "spans masked per completion", ge=1)
+    min_sentence_tokens: int = option(5, "shortest sentence that forms a span", ge=1)
+    max_span_tokens: int = option(50, "longest span", ge=1)
+    latex_backslash_max: float = option(0.3, "spans with a larger backslash fraction count as LaTeX "
+                                             "formatting", ge=0, le=1)
+    formatting_factor: float = option(0.1, "importance factor of formatting spans", ge=0, le=1)
+    gradient_conservation: bool = option(True, "rescale weights so their mean is 1 per completion")
+    skip_equal_advantages: bool = option(True, "all advantages equal (std < equal_adv_std): weights 1")
+    equal_adv_std: float = option(1e-6, "advantage std below which the group counts as equal", ge=0)
+    skip_zero_advantage: bool = option(True, "A_i = 0: the weights cannot matter, spend no forwards")
+    dedupe: bool = option(True, "hash cache for duplicate completions (per call)")
+    arithmetic_quirk: bool = option(False, "reproduce the reference's operator character class")
+    drop_per_token: bool = option(False, "aligntune: add drop_k/|s_k| (later reference) instead of drop_k")
+    boxed_answer_keeps_min_weight: bool = option(False, "reference quirk, see the module docstring")
+    mask_token_id: int = option(151643, "pad id written over masked spans (Qwen <|endoftext|>)", ge=0)
+    stop_ids: list[int] = option(doc="pad/EOS ids that end the reasoning region", ge=0,
+                                 default_factory=lambda: [151643, 151645])
+    seed: int = option(0, "seed of the random mode", ge=0)
 
     def validate(self) -> None:
-        if self.variant not in ("blog", "aligntune"):
-            fail("variant", self.variant, "allowed: 'blog', 'aligntune'")
-        if self.mode not in ("counterfactual", "random", "inverted"):
-            fail("mode", self.mode, "allowed: 'counterfactual', 'random', 'inverted'")
-        check_range("w_min", self.w_min, lo=0.0, lo_open=True)
         if self.w_max < self.w_min:
             fail("w_max", self.w_max, f"must be >= w_min ({self.w_min})")
-        check_range("answer_weight", self.answer_weight, lo=0.0, lo_open=True)
-        check_range("base_importance", self.base_importance, lo=0.0)
-        for name in ("max_spans", "min_sentence_tokens", "max_span_tokens"):
-            if getattr(self, name) < 1:
-                fail(name, getattr(self, name), "must be >= 1")
-        check_range("latex_backslash_max", self.latex_backslash_max, lo=0.0, hi=1.0)
-        check_range("formatting_factor", self.formatting_factor, lo=0.0, hi=1.0)
-        check_range("equal_adv_std", self.equal_adv_std, lo=0.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,16 +47,14 @@ from delta_megatron.credit.delta_stats import (
     topk_hidden_proxy,
     topk_logits_from_hidden,
 )
-from delta_megatron.utils.configs import fail, option, validate
+from delta_megatron.utils.configs import Section, fail, option, validate
 
 __all__ = ["DeltaConfig", "DeltaCredit", "DeltaEngine", "DeltaState", "margin",
            "output_row_proxy", "scope_group", "topk_hidden_proxy", "topk_logits_from_hidden"]
-MODES = ("cache", "moments", "recompute")
-SELECTIONS = ("none", "top50", "bottom50", "random50")
 
 
 @dataclass
-class DeltaConfig:
+class DeltaConfig(Section):
     """DelTA hyper-parameters and the §8 ablation switches (defaults = the paper's main runs).
 
     ``selection`` (token-selection diagnostic, §8 / A10): rank all valid tokens of the scope by λ and
@@ -74,43 +72,34 @@ class DeltaConfig:
     rank's observation order from ``seed``: these controls are random, not layout-invariant.
     """
 
-    K: int = 1  # refinement iterations (§4.3)
-    lambda_range: tuple[float, float] = (0.8, 1.2)  # [λ_min, λ_max] (§5)
-    mode: Literal["cache", "moments", "recompute"] = "cache"
-    cache_dtype: Literal["float32", "bfloat16"] = "float32"  # "float32": ≥ fp32 (fp64 input stays fp64)
-    scope: Literal["global", "dp_shard"] = "global"  # A1: rollout batch, or [C]'s per-DP-rank shard
-    proxy: Literal["output_row", "topk_hidden"] = "output_row"  # §2.1 / §2.2
-    topk_k: int = 16  # K of the top-K hidden-gradient proxy (A11: unstated, 16 or 32)
-    eps: float = 1e-8  # mass / Z clamp
-    eps_gamma: float = 1e-8  # variance floor of γ
-    within_side_only: bool = False  # §8: α = σ(−‖v−μ_own‖²/γ_own), γ = std over own side (A11)
-    frozen_gamma: bool = False  # §8 "w/o adaptive γ" (A3): γ^(0) of the first batch, then frozen
-    hard_assignment: bool = False  # §8 "w/o h(α)": α = 1[Δ > 0]
-    lambda_norm: bool = True  # §8 "w/o λ-norm" when False: the weight is λ, not λ̄
-    range_map: bool = True  # §8 "w/o range map" when False: weight α, Z0 tokens 0 (A14)
-    random_lambda: bool = False  # §8 "Random λ": uniform on [λ_min, λ_max] (Z0 tokens: λ_min)
-    seed: int = 0  # random λ / random50 selection
-    selection: Literal["none", "top50", "bottom50", "random50"] = "none"
+    K: int = option(1, "refinement iterations of the centroids (§4.3)", ge=0, le=3)
+    lambda_range: tuple[float, float] = option((0.8, 1.2), "[λ_min, λ_max] of the weight range map (§5)",
+                                               ge=0)
+    mode: Literal["cache", "moments", "recompute"] = option(
+        "cache", "how later passes get v: cache it, first/second moments (K+1 forwards), recompute (K+2)")
+    cache_dtype: Literal["float32", "bfloat16"] = option("float32", "dtype of the v cache (float32: >= fp32)")
+    scope: Literal["global", "dp_shard"] = option("global", "centroids over the rollout batch, or per "
+                                                            "DP-rank shard (A1)")
+    proxy: Literal["output_row", "topk_hidden"] = option("output_row", "token-gradient proxy (§2.1 / §2.2)")
+    topk_k: int = option(16, "K of the top-K hidden-gradient proxy (A11: 16 or 32)", ge=1)
+    eps: float = option(1e-8, "mass / Z clamp", gt=0)
+    eps_gamma: float = option(1e-8, "variance floor of γ", gt=0)
+    within_side_only: bool = option(False, "§8: α = σ(−‖v−μ_own‖²/γ_own), γ = std over own side (A11)")
+    frozen_gamma: bool = option(False, "§8 w/o adaptive γ (A3): γ of the first batch, then frozen")
+    hard_assignment: bool = option(False, "§8 w/o h(α): α = 1[Δ > 0]")
+    lambda_norm: bool = option(True, "normalise λ to λ̄ (false: §8 w/o λ-norm)")
+    range_map: bool = option(True, "map α into lambda_range (false: §8 w/o range map, weight α, Z0 tokens 0)")
+    random_lambda: bool = option(False, "§8 Random λ: uniform on [λ_min, λ_max] (Z0 tokens: λ_min)")
+    seed: int = option(0, "seed of random λ / random50 selection", ge=0)
+    selection: Literal["none", "top50", "bottom50", "random50"] = option(
+        "none", "token-selection diagnostic (A10): keep the top/bottom/a random 50% by λ as a loss mask")
     empty_side: Literal["uniform", "zero_centroid"] = option(
         "uniform", "one side empty in the scope: λ̄ ≡ 1 (uniform) or the reference's zero centroid")
 
     def validate(self) -> None:
-        if not 0 <= self.K <= 3:
-            fail("K", self.K, "must be in 0..3")
         lo, hi = self.lambda_range
         if not 0.0 <= lo < hi:
             fail("lambda_range", self.lambda_range, "need 0 <= lower bound < upper bound")
-        for name, allowed in (("mode", MODES), ("cache_dtype", ("float32", "bfloat16")),
-                              ("scope", ("global", "dp_shard")),
-                              ("proxy", ("output_row", "topk_hidden")), ("selection", SELECTIONS),
-                              ("empty_side", ("uniform", "zero_centroid"))):
-            if getattr(self, name) not in allowed:
-                fail(name, getattr(self, name), "allowed: " + ", ".join(allowed))
-        if self.topk_k < 1:
-            fail("topk_k", self.topk_k, "must be >= 1")
-        for name in ("eps", "eps_gamma"):
-            if not getattr(self, name) > 0:
-                fail(name, getattr(self, name), "must be > 0")
         if self.mode == "moments" and self.within_side_only:
             fail("mode", self.mode, "'moments' needs the two-centroid margin (§9.3); with "
                  "within_side_only use 'cache' or 'recompute'")

@@ -10,11 +10,12 @@ top-k. Ties are broken deterministically by token order (the reference's ``torch
 arbitrarily). When a micro-batch is sharded (CP), pass the process group holding its shards as
 ``group``: entropies are gathered so every rank selects from the same n tokens.
 
-``scope`` tells the actor what one call covers: ``microbatch`` (reference) or ``batch`` (one
-threshold over the whole mini-batch, the paper's wording; the actor then passes mini-batch entropies
-and the DP×CP group). The normaliser of the token-mean (§7) depends on the selection: ``selected``
-(reference) divides by Σk, ``all`` by the number of valid tokens. Since k only depends on n, the actor
-can compute the global normaliser before any forward with :func:`num_selected`.
+One call covers one micro-batch, as in the reference. (A single threshold over the whole mini-batch,
+the paper's wording, would need every micro-batch's current entropy before the first gradient forward —
+one more no-grad forward of the mini-batch — and is not offered.) The normaliser of the token-mean (§7)
+depends on the selection: ``selected`` (reference) divides by Σk, ``all`` by the number of valid
+tokens. Since k only depends on n, the actor can compute the global normaliser before any forward with
+:func:`num_selected`.
 """
 
 from __future__ import annotations
@@ -26,23 +27,16 @@ import torch
 import torch.distributed as dist
 
 from delta_megatron.credit.base import CREDIT_METHODS, CreditInputs, CreditNeeds, CreditOutput, CreditTarget
-from delta_megatron.utils.configs import check_range, fail, validate
+from delta_megatron.utils.configs import Section, option, validate
 
 
 @dataclass
-class ForkingConfig:
+class ForkingConfig(Section):
     """§7 defaults: ρ = 0.2 per micro-batch, token-mean over the selected tokens."""
 
-    rho: float = 0.2  # entropy_top_ratio
-    scope: Literal["microbatch", "batch"] = "microbatch"
-    normaliser: Literal["selected", "all"] = "selected"
-
-    def validate(self) -> None:
-        check_range("rho", self.rho, lo=0.0, hi=1.0, lo_open=True)
-        if self.scope not in ("microbatch", "batch"):
-            fail("scope", self.scope, "allowed: 'microbatch', 'batch'")
-        if self.normaliser not in ("selected", "all"):
-            fail("normaliser", self.normaliser, "allowed: 'selected', 'all'")
+    rho: float = option(0.2, "fraction of valid tokens kept, by entropy (entropy_top_ratio)", gt=0, le=1)
+    normaliser: Literal["selected", "all"] = option("selected", "token-mean over the selected tokens "
+                                                                "(reference) or over all valid tokens")
 
 
 def num_selected(n: int, rho: float) -> int:

@@ -20,47 +20,40 @@ where whole groups are present (driver / before sharding, §12): ``assign`` igno
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from delta_megatron.credit.base import CREDIT_METHODS, CreditInputs, CreditNeeds, CreditOutput, CreditTarget
-from delta_megatron.utils.configs import check_range, fail, validate
+from delta_megatron.utils.configs import Section, fail, option, validate
 
 QWEN_ENDOFTEXT = 151643
 
 
 @dataclass
-class KTAEConfig:
+class KTAEConfig(Section):
     """§8 hyperparameters. The released advantage function hard-codes α=β=1, TF on, top=1 (the
     defaults here); the run scripts' β_ig = 2.0 is available as ``beta``."""
 
-    alpha: float = 1.0  # Fisher weight α
-    beta: float = 1.0  # information-gain weight β (scripts pass 2.0; released code uses 1.0)
-    use_tf: bool = True  # BM25-style frequency term γ_tf
-    top: float = 1.0  # kv ∈ (−top, top)
-    fisher_mode: Literal["canonical", "reference"] = "canonical"
-    tie_rtol: float = 1e-7  # canonical: P(k) <= P(a)·(1 + tie_rtol) counts as as-extreme
-    p_one_tol: float = 1e-6  # canonical: F = 0 when p >= 1 − p_one_tol
-    bm25_k1: float = 2.0
-    bm25_b: float = 0.5
-    correct_threshold: float = 0.0  # C = {score > threshold}, W = the rest
-    ignore_ids: list[int] = field(default_factory=lambda: [QWEN_ENDOFTEXT])  # kv forced to 0
+    alpha: float = option(1.0, "Fisher-test weight α", ge=0)
+    beta: float = option(1.0, "information-gain weight β (scripts pass 2.0; released code 1.0)", ge=0)
+    use_tf: bool = option(True, "BM25-style frequency term γ_tf")
+    top: float = option(1.0, "key-token values kv lie in (-top, top)", gt=0)
+    fisher_mode: Literal["canonical", "reference"] = option("canonical", "Fisher exact test: canonical "
+                                                                         "or the reference's variant")
+    tie_rtol: float = option(1e-7, "canonical: P(k) <= P(a)(1 + tie_rtol) counts as as-extreme", ge=0,
+                             le=1e-3)
+    p_one_tol: float = option(1e-6, "canonical: F = 0 when p >= 1 - p_one_tol", ge=0, lt=1)
+    bm25_k1: float = option(2.0, "BM25 k1 of the frequency term", gt=0)
+    bm25_b: float = option(0.5, "BM25 b of the frequency term", ge=0, le=1)
+    correct_threshold: float = option(0.0, "a response is correct when its score > threshold", unbounded=True)
+    ignore_ids: list[int] = option(doc="token ids whose kv is forced to 0", ge=0,
+                                   default_factory=lambda: [QWEN_ENDOFTEXT])
 
     def validate(self) -> None:
-        check_range("alpha", self.alpha, lo=0.0)
-        check_range("beta", self.beta, lo=0.0)
         if self.alpha + self.beta <= 0:
             fail("beta", self.beta, "alpha + beta must be > 0")
-        check_range("top", self.top, lo=0.0, lo_open=True)
-        check_range("tie_rtol", self.tie_rtol, lo=0.0, hi=1e-3)
-        check_range("p_one_tol", self.p_one_tol, lo=0.0, hi=1.0, hi_open=True)
-        check_range("bm25_k1", self.bm25_k1, lo=0.0, lo_open=True)
-        check_range("bm25_b", self.bm25_b, lo=0.0, hi=1.0)
-        for i, v in enumerate(self.ignore_ids):
-            if v < 0:
-                fail(f"ignore_ids[{i}]", v, "token ids are >= 0")
 
 
 # ----------------------------------------------------------------------------------------------

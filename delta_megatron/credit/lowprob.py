@@ -35,7 +35,7 @@ import torch
 
 from delta_megatron.credit.base import CREDIT_METHODS, CreditInputs, CreditNeeds, CreditOutput, CreditTarget
 from delta_megatron.ops.reduce import all_reduce
-from delta_megatron.utils.configs import check_range, fail, validate
+from delta_megatron.utils.configs import Section, check_range, option, validate
 
 TOKEN_VARIANTS = ("reshape_reversed", "reshape", "middle", "normalize")
 SEQUENCE_VARIANTS = ("ppl", "ppl-norm", "ppl-norm-clamp")
@@ -44,19 +44,16 @@ PPL_CLAMP = (0.8, 1.2)  # ppl-norm-clamp bounds
 
 
 @dataclass
-class LowProbConfig:
+class LowProbConfig(Section):
     """§9.2. α = 0.1 is the yaml default (Qwen3-8B-Base); the 7B Qwen2.5-Math script uses 0.2."""
 
-    alpha: float = 0.1
+    alpha: float = option(0.1, "re-weighting strength α (range depends on variant)", ge=0)
     variant: Literal["reshape_reversed", "reshape", "middle", "normalize", "ppl", "ppl-norm",
-                     "ppl-norm-clamp"] = "reshape_reversed"
-    adv_sign: Literal["all", "positive", "negative"] = "all"  # which advantages are re-weighted
+                     "ppl-norm-clamp"] = option(
+        "reshape_reversed", "weight function: per token w(π_old) (§9.2) or per response from its perplexity")
+    adv_sign: Literal["all", "positive", "negative"] = option("all", "which advantages are re-weighted")
 
     def validate(self) -> None:
-        if self.variant not in LOWPROB_VARIANTS:
-            fail("variant", self.variant, "allowed: " + ", ".join(LOWPROB_VARIANTS))
-        if self.adv_sign not in ("all", "positive", "negative"):
-            fail("adv_sign", self.adv_sign, "allowed: 'all', 'positive', 'negative'")
         if self.variant == "reshape":
             check_range("alpha", self.alpha, lo=0.0, hi=1.0, hi_open=True)  # keeps w > 0
         elif self.variant == "middle":

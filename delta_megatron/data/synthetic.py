@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from delta_megatron.data.types import Example, PromptDataset
-from delta_megatron.utils.configs import fail, validate
+from delta_megatron.utils.configs import Section, option, validate
 
 __all__ = ["ArithmeticConfig", "ArithmeticTask", "synthetic_dataset", "spec_variant", "VOCAB", "PAD", "BOS", "EOS",
            "SPECIAL_TOKENS", "CHARS"]
@@ -39,21 +39,14 @@ _SPEC_VARIANTS: dict[str, Variant] = {"synthetic:arith": "plain", "synthetic:ari
 
 
 @dataclass
-class ArithmeticConfig:
+class ArithmeticConfig(Section):
     """``digits``: RL/eval operand length (SFT uses 1..digits); ``size``: RL prompts in the training set."""
 
-    digits: int = 3
-    variant: Variant = "plain"
-    size: int = 4096
-    seed: int = 0
+    digits: int = option(3, "operand digits of RL/eval prompts (SFT: 1..digits)", ge=1, le=30)
+    variant: Variant = option("plain", "completion notation: plain, reversed or scratchpad")
+    size: int = option(4096, "RL prompts in the training set", ge=1)
+    seed: int = option(0, "seed of the generated prompts", ge=0)
 
-    def validate(self) -> None:
-        if not 1 <= self.digits <= 30:
-            fail("digits", self.digits, "must be in [1, 30]")
-        if self.variant not in ("plain", "reversed", "scratchpad"):
-            fail("variant", self.variant, "one of 'plain', 'reversed', 'scratchpad'")
-        if self.size < 1:
-            fail("size", self.size, "must be >= 1")
 
 
 class ArithmeticTask:

@@ -5,21 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from delta_megatron.eval.evaluate import EvalSettings
-from delta_megatron.utils.configs import fail, validate
+from delta_megatron.utils.configs import Section, option, validate
 
 
 @dataclass
-class EvalConfig:
-    every: int = 0  # steps between evaluations; 0 = off
-    k: int = 16
-    temperature: float = 1.0
-    top_p: float = 0.7
-    max_new_tokens: int = 32
-    max_prompts: int | None = None
+class EvalConfig(Section):
+    every: int = option(0, "steps between evaluations (and one after the last step); 0 = off", ge=0)
+    k: int = option(16, "samples per question (avg@k, pass@k)", ge=1)
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy", ge=0)
+    top_p: float = option(0.7, "nucleus sampling mass", gt=0, le=1)
+    max_new_tokens: int = option(32, "response budget in tokens", ge=1)
+    max_prompts: int | None = option(None, "first N questions per benchmark; null = all", ge=1)
 
     def validate(self) -> None:
-        if self.every < 0:
-            fail("every", self.every, "must be >= 0 (0 = no periodic evaluation)")
         validate(self.settings())  # the evaluator's own rules, checked before any step runs
 
     def settings(self) -> EvalSettings:

@@ -16,7 +16,7 @@ from typing import Any
 from delta_megatron.data.datasets import Example
 from delta_megatron.eval.metrics import avg_at_k, mean_pass_at_k, weighted_average
 from delta_megatron.reward.verifier_pool import VerifyStats
-from delta_megatron.utils.configs import check_range, fail, validate
+from delta_megatron.utils.configs import Section, fail, option, validate
 
 __all__ = ["EvalSettings", "GenerateFn", "QuestionResult", "BenchmarkResult", "EvalResults", "evaluate"]
 
@@ -24,31 +24,21 @@ GenerateFn = Callable[[list[str], int, float, float, int], list[list[str]]]
 
 
 @dataclass
-class EvalSettings:
+class EvalSettings(Section):
     """Defaults are the DelTA protocol (App. I): 16 samples per question, temperature 1.0, top-p 0.7,
     30k new tokens, mean over all samples (avg@16). ``pass_ks`` defaults to ``(k,)``."""
 
-    k: int = 16
-    temperature: float = 1.0
-    top_p: float = 0.7
-    max_new_tokens: int = 30000
-    pass_ks: tuple[int, ...] | None = None
-    prompts_per_call: int = 64  # prompts handed to generate_fn at once
-    max_prompts: int | None = None  # first N questions per benchmark (quick evals); None = all
+    k: int = option(16, "samples per question", ge=1)
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy", ge=0)
+    top_p: float = option(0.7, "nucleus sampling mass", gt=0, le=1)
+    max_new_tokens: int = option(30000, "response budget in tokens", ge=1)
+    pass_ks: tuple[int, ...] | None = option(None, "k values of pass@k; null = (k,)", ge=1)
+    prompts_per_call: int = option(64, "prompts handed to generate_fn at once", ge=1)
+    max_prompts: int | None = option(None, "first N questions per benchmark (quick evals); null = all", ge=1)
 
     def validate(self) -> None:
-        if self.k < 1:
-            fail("k", self.k, "must be >= 1")
-        check_range("temperature", self.temperature, 0, None)
-        check_range("top_p", self.top_p, 0, 1, lo_open=True)
-        if self.max_new_tokens < 1:
-            fail("max_new_tokens", self.max_new_tokens, "must be >= 1")
-        if self.pass_ks is not None and any(not 1 <= kk <= self.k for kk in self.pass_ks):
+        if self.pass_ks is not None and any(kk > self.k for kk in self.pass_ks):
             fail("pass_ks", self.pass_ks, f"each k must be in [1, k={self.k}]")
-        if self.prompts_per_call < 1:
-            fail("prompts_per_call", self.prompts_per_call, "must be >= 1")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            fail("max_prompts", self.max_prompts, "must be >= 1 or null")
 
     @property
     def ks(self) -> tuple[int, ...]:

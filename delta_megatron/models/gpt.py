@@ -10,6 +10,7 @@ attention, THD packing, FP8) are rejected up front with an error naming the conf
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -19,7 +20,7 @@ from delta_megatron.models.config import ModelConfig
 from delta_megatron.parallel import ParallelConfig
 from delta_megatron.utils.configs import ConfigError
 
-__all__ = ["te_available", "resolve_layer_spec", "transformer_config", "layer_spec",
+__all__ = ["te_available", "resolve_layer_spec", "transformer_config", "layer_spec", "use_deterministic_kernels",
            "build_gpt_model", "build_model_chunks", "output_weight", "return_hidden",
            "padded_vocab_size", "unwrap"]
 
@@ -69,6 +70,17 @@ def resolve_layer_spec(parallel: ParallelConfig) -> str:
         raise ConfigError("parallel.fp8", parallel.fp8,
                           "FP8 needs the Transformer Engine layer spec")
     return spec
+
+
+def use_deterministic_kernels() -> None:
+    """What ``train.deterministic`` asks of the process besides megatron's ``deterministic_mode``:
+    TE attention without non-deterministic algorithms (megatron refuses deterministic_mode otherwise)
+    and, on CUDA, a fixed cuBLAS workspace and torch's deterministic algorithms (warning, not failing,
+    on an op that has none). The CPU kernels used here are deterministic already."""
+    os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"
+    if torch.cuda.is_available():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def padded_vocab_size(model: ModelConfig, tp: int) -> int:

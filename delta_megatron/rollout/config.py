@@ -3,51 +3,43 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from delta_megatron.utils.configs import check_range, fail
+from delta_megatron.utils.configs import Section, fail, option
 
 
 @dataclass
-class SGLangConfig:
+class SGLangConfig(Section):
     """SGLang servers + router (GPU extra)."""
 
-    num_servers: int = 1
-    tp: int = 1
-    mem_fraction: float = 0.7
-    port_base: int = 30000
-    router_port: int = 29000
-    request_timeout_s: float = 600.0
-    max_retries: int = 3
-    max_concurrency: int = 256
-    weight_sync: Literal["ipc", "nccl", "disk"] = "ipc"
-    sync_bucket_mb: int = 512
-    check_weights: bool = False
-    extra_args: list[str] = field(default_factory=list)
-
-    def validate(self) -> None:
-        check_range("mem_fraction", self.mem_fraction, 0, 1, lo_open=True)
-        if self.num_servers < 1:
-            fail("num_servers", self.num_servers, "must be >= 1")
+    num_servers: int = option(1, "SGLang servers the trainer starts (colocated on the actor GPUs)", ge=1)
+    tp: int = option(1, "tensor-parallel size of each SGLang server", ge=1)
+    mem_fraction: float = option(0.7, "GPU memory fraction each server takes (weights + KV cache)", gt=0, le=1)
+    port_base: int = option(30000, "port of server 0 (server i listens on port_base + i)", ge=1, le=65535)
+    router_port: int = option(29000, "port of the SGLang router", ge=1, le=65535)
+    request_timeout_s: float = option(600.0, "per-request HTTP timeout (seconds)", gt=0)
+    max_retries: int = option(3, "retries of a failed or timed-out request", ge=0)
+    max_concurrency: int = option(256, "generation requests in flight at once", ge=1)
+    weight_sync: Literal["ipc", "nccl", "disk"] = option("ipc", "how new weights reach the servers")
+    sync_bucket_mb: int = option(512, "tensor bucket size of one weight-sync push (MiB)", ge=1)
+    check_weights: bool = option(False, "after each sync, compare sampled server weights with the actor's")
+    extra_args: list[str] = option(doc="extra command-line arguments of sglang.launch_server",
+                                   default_factory=list)
 
 
 @dataclass
-class RolloutConfig:
-    engine: Literal["embedded", "sglang"] = "embedded"
-    n_samples: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 32
-    max_prompt_len: int = 64
-    batch_size: int = 512  # sequences generated together by the embedded engine
-    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+class RolloutConfig(Section):
+    engine: Literal["embedded", "sglang"] = option("embedded", "rollout engine: embedded (CPU/HF) or sglang")
+    n_samples: int = option(8, "responses sampled per prompt (the group size)", ge=1)
+    temperature: float = option(1.0, "sampling temperature (log-probs are taken at it too)", gt=0)
+    top_p: float = option(1.0, "nucleus sampling mass; 1 = off", gt=0, le=1)
+    top_k: int = option(-1, "top-k sampling; -1 = off", ge=-1)
+    max_new_tokens: int = option(32, "response budget in tokens", ge=1)
+    max_prompt_len: int = option(64, "longest prompt in tokens", ge=1)
+    batch_size: int = option(512, "sequences the embedded engine generates together", ge=1)
+    sglang: SGLangConfig = option(doc="SGLang servers and router", default_factory=SGLangConfig)
 
     def validate(self) -> None:
-        if self.n_samples < 1:
-            fail("n_samples", self.n_samples, "must be >= 1")
-        check_range("temperature", self.temperature, 0, None, lo_open=True)
-        check_range("top_p", self.top_p, 0, 1, lo_open=True)
-        if self.max_new_tokens < 1:
-            fail("max_new_tokens", self.max_new_tokens, "must be >= 1")
+        if self.top_k == 0:
+            fail("top_k", 0, "-1 (off) or >= 1")

@@ -19,25 +19,18 @@ from dataclasses import dataclass
 
 import torch
 
-from delta_megatron.utils.configs import check_range, fail
+from delta_megatron.utils.configs import Section, option
 
 
 @dataclass
-class ExtrapolationConfig:
+class ExtrapolationConfig(Section):
     """§9.3 defaults (DAPO-Qwen-32B over Qwen2.5-32B): τ = −0.3, γ = 0.05, T = 1, top-p 0.7, 50 logprobs."""
 
-    tau: float = -0.3
-    gamma: float = 0.05
-    temperature: float = 1.0
-    top_p: float = 0.7
-    num_logprobs: int = 50
-
-    def validate(self) -> None:
-        check_range("gamma", self.gamma, lo=0.0)
-        check_range("temperature", self.temperature, lo=0.0, lo_open=True)
-        check_range("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
-        if self.num_logprobs < 1:
-            fail("num_logprobs", self.num_logprobs, "must be >= 1")
+    tau: float = option(-0.3, "resample when Δlog p of the base model's token <= τ", unbounded=True)
+    gamma: float = option(0.05, "extrapolation strength γ", ge=0)
+    temperature: float = option(1.0, "sampling temperature T", gt=0)
+    top_p: float = option(0.7, "nucleus sampling mass", gt=0, le=1)
+    num_logprobs: int = option(50, "top log-probs each model returns", ge=1)
 
 
 def align_logprobs(candidate_ids: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:

@@ -223,8 +223,10 @@ def test_config_errors_name_the_field(override, field):
 def test_config_literals_rejected():
     with pytest.raises(ConfigError, match="selection"):
         from_dict(DeltaConfig, {"selection": "top20"}, "credit.delta")
-    with pytest.raises(ConfigError, match="credit.delta.mode"):
-        validate(DeltaConfig(mode="fast"), "credit.delta")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="credit.delta.mode: 'fast' — allowed: 'cache'"):
+        from_dict(DeltaConfig, {"mode": "fast"}, "credit.delta")
+    with pytest.raises(ConfigError, match="^mode: 'fast' — allowed: 'cache'"):
+        DeltaConfig(mode="fast")  # type: ignore[arg-type]
     validate(DeltaConfig(), "credit.delta")
 
 

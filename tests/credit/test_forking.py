@@ -111,5 +111,5 @@ def test_config_validation():
         validate(ForkingConfig(rho=0.0))
     with pytest.raises(ConfigError, match="rho"):
         validate(ForkingConfig(rho=1.5))
-    with pytest.raises(ConfigError, match="scope"):
-        validate(ForkingConfig(scope="rank"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="normaliser: 'some' — allowed: 'selected', 'all'"):
+        ForkingConfig(normaliser="some")  # type: ignore[arg-type]

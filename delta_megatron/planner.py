@@ -183,6 +183,14 @@ def plan(cfg: Config, hw: Hardware, opts: PlanOptions) -> Plan:
     if fp8_cache:
         state["fp8 weights"] = fp8_cache * linear_local
 
+    # ---- host memory: the KL reference copy of every rank's weights, offloaded (algo.kl)
+    if cfg.algo.kl.estimator != "none" and cfg.algo.kl.reference_offload:
+        host = hw.gpus_per_node * p_local * wbytes
+        if host > hw.host_mem_gib * 2**30:
+            problems.append(f"host memory: the KL reference copies need {pm.human(host)} per node > "
+                            f"host_mem_gib={hw.host_mem_gib:g}; set algo.kl.reference_offload=false or "
+                            "raise parallel.tp / pp")
+
     # ---- per-token batch fields resident on this GPU (ids, logp_old, advantage, λ̄, masks ...)
     local_tokens_max = tokens_max / (dp * cp)
     batch_fields = 24 * local_tokens_max

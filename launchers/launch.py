@@ -54,7 +54,7 @@ class LaunchResult:
 
 
 def train_script(cfg: Config, resume: str = "auto", torchrun: tuple[int, int] | None = None,
-                 rdzv: int = 0) -> run.Script:
+                 rdzv: int = 0, doctor: tuple[str, int] | None = None) -> run.Script:
     """Write the run's config to a private temp file and exec the trainer. The config travels
     inside this script, which NeMo-Run writes into the job directory (and mounts in a container), so
     the job needs no other path and its directory keeps a record of the config.
@@ -62,7 +62,11 @@ def train_script(cfg: Config, resume: str = "auto", torchrun: tuple[int, int] | 
     By default NeMo-Run's torchrun launcher starts this script once per rank. ``torchrun=(nnodes,
     nproc_per_node)`` instead runs torchrun from the script, once per node: used by heterogeneous
     jobs, where NeMo-Run would apply one launcher to every component (``DM_RDZV_ENDPOINT`` is
-    exported by the batch script)."""
+    exported by the batch script).
+
+    ``doctor=(cluster, nodes)`` first runs ``delta-megatron doctor`` on the config, once per node
+    (local rank 0); a failed check ends the job before any training work (the other ranks then fail
+    their rendezvous and torchrun stops them)."""
     text = dump_yaml(cfg)
     if CONFIG_EOF in text:
         raise ConfigError("config", CONFIG_EOF, "the config may not contain the heredoc delimiter")
@@ -72,12 +76,17 @@ def train_script(cfg: Config, resume: str = "auto", torchrun: tuple[int, int] | 
         trainer = (f"torchrun --nnodes {nnodes} --nproc-per-node {nproc} --node-rank $SLURM_NODEID "
                    f"--rdzv-backend c10d --rdzv-endpoint $DM_RDZV_ENDPOINT --rdzv-id {rdzv} "
                    f"-m delta_megatron.train --config \"$config\" --resume {resume}")
+    check = ""
+    if doctor:
+        cluster, nodes = doctor
+        check = (f'if [ "${{LOCAL_RANK:-0}}" = 0 ]; then python -m delta_megatron.cli doctor "$config" '
+                 f'--cluster {cluster} --nodes {nodes} || exit 1; fi\n')
     return run.Script(inline=f"""\
 set -euo pipefail
 config=$(mktemp "${{TMPDIR:-/tmp}}/delta-megatron-XXXXXX.yaml")
 cat > "$config" <<'{CONFIG_EOF}'
 {text}{CONFIG_EOF}
-exec {trainer}
+{check}exec {trainer}
 """)
 
 
@@ -126,8 +135,9 @@ def _prepare_config(cfg: Config, run_dir: str) -> Config:
 def launch(runs: dict[str, Config], *, executor: str, profile: ClusterProfile, nodes: int = 1,
            rollout_nodes: int = 0, title: str = "delta-megatron", dry_run: bool = False,
            exp_id: str | None = None, detach: bool = True, keep_dry_run_dir: bool = False,
-           per_run_nodes: dict[str, int] | None = None) -> LaunchResult:
-    """One ``run.Experiment`` with one job per entry of ``runs`` (name -> Config)."""
+           per_run_nodes: dict[str, int] | None = None, doctor: bool = False) -> LaunchResult:
+    """One ``run.Experiment`` with one job per entry of ``runs`` (name -> Config); ``doctor`` runs
+    ``delta-megatron doctor`` on every node before training (see :func:`train_script`)."""
     if executor not in ("local", "slurm"):
         raise ConfigError("executor", executor, "local or slurm")
     if rollout_nodes and executor != "slurm":
@@ -137,7 +147,8 @@ def launch(runs: dict[str, Config], *, executor: str, profile: ClusterProfile, n
             n = (per_run_nodes or {}).get(name, nodes)
             if executor == "local":
                 job_dir = str(Path(exp._exp_dir) / name)  # NeMo-Run's job dir for a named task
-                task = train_script(_prepare_config(cfg, _run_dir(None, title, name, job_dir)))
+                task = train_script(_prepare_config(cfg, _run_dir(None, title, name, job_dir)),
+                                    doctor=(profile.name, n) if doctor else None)
                 exp.add(task, executor=local_executor(profile.ranks_per_node), name=name)
                 continue
             actor = slurm_executor(profile, n, name=f"{title}/{name}", dry_run=dry_run)
@@ -152,11 +163,11 @@ def launch(runs: dict[str, Config], *, executor: str, profile: ClusterProfile, n
                     ROUTER_ENV: f"http://${{het_group_host_1}}:{cfg.rollout.sglang.router_port}"}
                 rollout = rollout_executor(profile, rollout_nodes, dry_run=dry_run)
                 task = train_script(run_cfg, torchrun=(n, profile.ranks_per_node),
-                                    rdzv=rdzv_id(f"{title}/{name}"))
+                                    rdzv=rdzv_id(f"{title}/{name}"), doctor=(profile.name, n) if doctor else None)
                 exp.add([task, rollout_script(cfg, profile.ranks_per_node)],
                         executor=make_heterogeneous(actor, rollout), name=name)
                 continue
-            task = train_script(run_cfg)
+            task = train_script(run_cfg, doctor=(profile.name, n) if doctor else None)
             exp.add(task, executor=actor, name=name)
         result = LaunchResult(exp_id=exp._id, exp_dir=exp._exp_dir, jobs=[j.id for j in exp.jobs])
         if dry_run:
@@ -193,6 +204,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     parser.add_argument("--wait", action="store_true", help="slurm: stay attached until the jobs end")
     parser.add_argument("--no-plan", action="store_true", help="skip the planner's fit check")
+    parser.add_argument("--doctor", action="store_true", help="run `delta-megatron doctor` on every node "
+                        "before training; a failed check ends the job")
     for axis in ("nodes", "tp", "pp", "cp"):
         parser.add_argument(f"--sweep-{axis}", default=None, metavar="N,N,..",
                             help=f"scale-up sweep over {axis} (one experiment, one job per point)")
@@ -245,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         title = args.name or recipe_name(args.recipe)
         result = launch(runs, executor=args.executor, profile=profile, nodes=args.nodes,
                         rollout_nodes=args.rollout_nodes, title=title,
-                        dry_run=args.dry_run, detach=not args.wait, per_run_nodes=per_run_nodes)
+                        dry_run=args.dry_run, detach=not args.wait, per_run_nodes=per_run_nodes,
+                        doctor=args.doctor)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,13 +24,13 @@ from delta_megatron.utils.configs import Section, option
 
 @dataclass
 class ExtrapolationConfig(Section):
-    """§9.3 defaults (DAPO-Qwen-32B over Qwen2.5-32B): τ = −0.3, γ = 0.05, T = 1, top-p 0.7, 50 logprobs."""
+    """§9.3 defaults (DAPO-Qwen-32B over Qwen2.5-32B): τ = −0.3, γ = 0.05, T = 1, top-p 0.7. The
+    reference asks each model for its top-50 log-probs; the caller passes what the models returned."""
 
     tau: float = option(-0.3, "resample when Δlog p of the base model's token <= τ", unbounded=True)
     gamma: float = option(0.05, "extrapolation strength γ", ge=0)
     temperature: float = option(1.0, "sampling temperature T", gt=0)
     top_p: float = option(0.7, "nucleus sampling mass", gt=0, le=1)
-    num_logprobs: int = option(50, "top log-probs each model returns", ge=1)
 
 
 def align_logprobs(candidate_ids: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:

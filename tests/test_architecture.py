@@ -24,7 +24,8 @@ LAYERS = [
          "delta_megatron.eval"]),
     (3, ["delta_megatron.config", "delta_megatron.builders", "delta_megatron.trainer",
          "delta_megatron.planner_model"]),
-    (4, ["delta_megatron.cli", "delta_megatron.cli_eval", "delta_megatron.cli_export", "delta_megatron.train",
+    (4, ["delta_megatron.cli", "delta_megatron.cli_eval", "delta_megatron.cli_export", "delta_megatron.cli_config",
+         "delta_megatron.cli_doctor", "delta_megatron.train",
          "delta_megatron.planner", "delta_megatron.viz", "pipelines", "launchers"]),
 ]
 

@@ -16,7 +16,15 @@ from delta_megatron.eval.evaluate import EvalSettings
 from delta_megatron.planner import Hardware, PlanOptions, load_recipe, recipe_registry
 from delta_megatron.rollout.extrapolation import ExtrapolationConfig
 from delta_megatron.train import parse as parse_train
-from delta_megatron.utils.configs import Bounds, Section, field_bounds, field_doc, option, validate, walk_fields
+from delta_megatron.utils.configs import (
+    Bounds,
+    Section,
+    field_bounds,
+    field_doc,
+    option,
+    validate,
+    walk_fields,
+)
 from launchers.executors import ClusterProfile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +165,7 @@ def test_topk_proxy_k_beyond_the_vocab_rejected():
 
 def test_b200_recipes_use_the_dapo_reward():
     """DAPO's +1/-1 reward (verl math_dapo), reaching the YAML every job trains with."""
-    for name, fn in recipe_registry().items():
+    for name in recipe_registry():
         if "qwen3" not in name:
             continue
         loaded = load_recipe(name)

@@ -25,7 +25,7 @@ SCANNED = ("delta_megatron", "launchers")
 NOT_READERS = {"delta_megatron/utils/configs.py", "delta_megatron/cli_config.py", "delta_megatron/cli_doctor.py"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"))
 

@@ -44,6 +44,13 @@ class Check:
     fix: str = ""
 
 
+def needs_gpu(cfg: Config | None) -> bool:
+    """Does the run need CUDA: an SGLang engine, TE kernels (CP, FP8) or NCCL."""
+    return cfg is not None and (cfg.rollout.engine == "sglang" or cfg.parallel.layer_spec == "te"
+                                or cfg.parallel.fp8 != "none" or cfg.parallel.cp > 1
+                                or cfg.parallel.backend == "nccl")
+
+
 def _need(needed: bool) -> Status:
     """The status of something missing: fail when the run needs it, warn otherwise."""
     return "fail" if needed else "warn"
@@ -105,24 +112,27 @@ def software_checks(cfg: Config | None) -> list[Check]:
                         f"{py} ({sys.executable}); package needs {need_py}",
                         "" if SpecifierSet(need_py).contains(py) else f"use a Python {need_py}"))
     if _version(DIST) is None:
-        checks.append(Check("delta-megatron", "warn", "package metadata not installed (running from a checkout)",
+        checks.append(Check("delta-megatron", "warn",
+                            "package metadata not installed (running from a checkout)",
                             "pip install -e . (or make install) so versions can be checked against the pins"))
     checks.append(package_check("torch", "torch", "torch", True, "the actor and every kernel", pinned))
-    needs_gpu = cfg is not None and (cfg.rollout.engine == "sglang" or cfg.parallel.layer_spec == "te"
-                                     or cfg.parallel.fp8 != "none" or cfg.parallel.cp > 1
-                                     or cfg.parallel.backend == "nccl")
-    why_gpu = "this recipe needs GPUs" if needs_gpu else "CPU runs (embedded engine, local layer spec) work"
+    gpu = needs_gpu(cfg)
+    why_gpu = "this recipe needs GPUs" if gpu else "CPU runs (embedded engine, local layer spec) work"
     if torch.cuda.is_available():
-        checks.append(Check("cuda", "ok", f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s)"))
-        nccl = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "?"
-        checks.append(Check("nccl", "ok", f"NCCL {nccl}"))
+        checks.append(Check("cuda", "ok",
+                            f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} device(s)"))
+        version = torch.cuda.nccl.version() if torch.distributed.is_nccl_available() else None
+        checks.append(Check("nccl", "ok", f"NCCL {'.'.join(map(str, version))}") if isinstance(version, tuple)
+                      else Check("nccl", "ok", f"NCCL {version}") if version is not None
+                      else Check("nccl", _need(gpu), "torch was built without NCCL",
+                                 "install torch's CUDA build (it ships NCCL)"))
     else:
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         fix = ("run on a GPU node; install torch's CUDA build (pip install torch from the CUDA index "
                "under the same version pin)")
-        checks.append(Check("cuda", _need(needs_gpu), f"no CUDA device (torch {torch.__version__} is {build}); "
+        checks.append(Check("cuda", _need(gpu), f"no CUDA device (torch {torch.__version__} is {build}); "
                                                       f"{why_gpu}", fix))
-        checks.append(Check("nccl", _need(needs_gpu), "unavailable without CUDA (gloo is used on CPU); " + why_gpu,
+        checks.append(Check("nccl", _need(gpu), "unavailable without CUDA (gloo is used on CPU); " + why_gpu,
                             "NCCL comes with torch's CUDA build; run on a GPU node"))
     checks.append(package_check("megatron-core", "megatron-core", "megatron.core", True, "model, optimizer, "
                                 "parallel state", pinned))
@@ -136,8 +146,9 @@ def software_checks(cfg: Config | None) -> list[Check]:
     checks.append(package_check("sglang", "sglang", "sglang", needs_sglang, why, pinned))
     router = package_check("sglang router", "sglang-router", "sglang_router", needs_sglang, why, pinned)
     if router.status == "ok" and find_spec("sglang_router.sglang_router_rs") is None:
-        router = Check("sglang router", _need(needs_sglang), "sglang_router installed without its compiled "
-                       "router binary (sglang_router_rs)", "reinstall the sglang-router wheel for this platform")
+        router = Check("sglang router", _need(needs_sglang),
+                       "sglang_router installed without its compiled router binary (sglang_router_rs)",
+                       "reinstall the sglang-router wheel for this platform")
     checks.append(router)
     needs_mv = cfg is None or cfg.reward.resolved_kind(cfg.data.train) == "math"
     checks.append(package_check("math-verify", "math-verify", "math_verify", needs_mv,
@@ -189,7 +200,8 @@ def slurm_checks() -> list[Check]:
     else:
         rc, out = _run(["sacct", "-n", "-X", "-o", "JobID", "-S", "now-1hours"])
         checks.append(Check("slurm accounting", "ok" if rc == 0 else "warn",
-                            "sacct answers" if rc == 0 else f"sacct failed: {out.splitlines()[0] if out else rc}",
+                            "sacct answers" if rc == 0 else
+                            f"sacct failed: {out.splitlines()[0] if out else rc}",
                             "" if rc == 0 else "enable accounting (AccountingStorageType=accounting_storage/"
                                                "slurmdbd); job history and requeue counts need it"))
     return checks
@@ -219,15 +231,17 @@ def path_checks(cfg: Config) -> list[Check]:
     from delta_megatron.data.datasets import resolve_path
 
     checks = []
-    for field, spec in [("data.train", cfg.data.train)] + [(f"data.eval[{i}]", s) for i, s in enumerate(cfg.data.eval)]:
+    specs = [("data.train", cfg.data.train)] + [(f"data.eval[{i}]", s) for i, s in enumerate(cfg.data.eval)]
+    for field, spec in specs:
         if spec.startswith("synthetic:"):
             checks.append(Check(field, "ok", f"{spec} (generated)"))
             continue
         try:
             path = resolve_path(spec)
         except (FileNotFoundError, ValueError):
-            checks.append(Check(field, "fail", f"{spec}: not found", f"set {field} to an existing jsonl/parquet "
-                                "file (on a cluster: mount it, see the profile's container_mounts)"))
+            checks.append(Check(field, "fail", f"{spec}: not found",
+                                f"set {field} to an existing jsonl/parquet file (on a cluster: mount it, "
+                                "see the profile's container_mounts)"))
             continue
         ok = os.access(path, os.R_OK)
         checks.append(Check(field, "ok" if ok else "fail", f"{path}" + ("" if ok else ": not readable"),
@@ -240,7 +254,8 @@ def path_checks(cfg: Config) -> list[Check]:
         path = Path(spec)
         marker = path / ("config.json" if field == "model.hf_path" else "")
         ok = path.is_dir() and os.access(path, os.R_OK | os.X_OK) and marker.exists()
-        what = "an HF model directory with config.json" if field == "model.hf_path" else "a tokenizer directory"
+        what = ("an HF model directory with config.json" if field == "model.hf_path"
+                else "a tokenizer directory")
         checks.append(Check(field, "ok" if ok else "fail", f"{path}" + ("" if ok else f": not {what}"),
                             "" if ok else f"download/mount it there or set {field}"))
     ckpt = Path(cfg.checkpoint.dir or Path(cfg.logging.dir) / "checkpoints")
@@ -265,7 +280,8 @@ def plan_checks(cfg: Config, cluster: str, nodes: int) -> list[Check]:
                     f"fits {nodes}x{hw.gpus_per_node} {hw.gpu} ({cluster})" if result.fits else
                     "; ".join(result.problems), "" if result.fits else
                     f"see `delta-megatron plan ... --nodes {nodes} --cluster {cluster}` for the breakdown")]
-    slurm = (yaml.safe_load(planner.profile_path(cluster).read_text(encoding="utf-8")) or {}).get("slurm") or {}
+    profile = yaml.safe_load(planner.profile_path(cluster).read_text(encoding="utf-8")) or {}
+    slurm = profile.get("slurm") or {}
     need_gpus = int(slurm.get("gpus_per_node") or 0)
     peak = max(result.peak(phase) for phase in result.memory)
     if need_gpus and torch.cuda.is_available():
@@ -279,11 +295,12 @@ def plan_checks(cfg: Config, cluster: str, nodes: int) -> list[Check]:
                             "" if ok else "run on nodes matching the profile, or change the layout "
                                           "(delta-megatron plan)"))
     elif need_gpus:
-        checks.append(Check("gpus vs plan", "fail" if cfg.rollout.engine == "sglang" or cfg.parallel.backend == "nccl"
-                            else "warn", f"no CUDA device; the {cluster} plan needs {need_gpus} GPUs per node with "
-                            f"{gib(peak):.1f} GiB each", "run on a GPU node of the profile"))
+        checks.append(Check("gpus vs plan", _need(needs_gpu(cfg)), f"no CUDA device; the {cluster} plan needs "
+                            f"{need_gpus} GPUs per node with {gib(peak):.1f} GiB each",
+                            "run on a GPU node of the profile"))
     else:
-        checks.append(Check("gpus vs plan", "ok", f"{cluster} is a CPU profile ({hw.gpus_per_node} ranks per node)"))
+        checks.append(Check("gpus vs plan", "ok",
+                            f"{cluster} is a CPU profile ({hw.gpus_per_node} ranks per node)"))
 
     size = planner.checkpoint_bytes(cfg)
     need = size * (cfg.checkpoint.keep + 1)  # keep old ones while the next is written

@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +22,7 @@ from delta_megatron.planner import load_recipe
 from delta_megatron.utils.configs import field_doc, walk_fields
 from pipelines.tiny_arith_cpu import smoke_config
 
+REPO = Path(__file__).resolve().parents[1]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU machine reports")
 
 
@@ -186,3 +192,18 @@ def test_launch_runs_the_doctor_on_every_node_first():
                        "--cluster local --nodes 2 || exit 1; fi")
     assert check < text.index("exec python -m delta_megatron.train")
     assert "doctor" not in train_script(smoke_config()).inline
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("srun") is None, reason="no srun: run slurm/local/setup.sh first")
+def test_doctor_inside_a_slurm_job_step_reads_the_job_time_limit(tmp_path):
+    """On the local cluster: a job step with a 5-minute limit; the doctor reads it from squeue."""
+    done = subprocess.run(
+        ["srun", "-N", "1", "-n", "1", "-t", "5", "--chdir", str(tmp_path), sys.executable, "-m", "delta_megatron.cli",
+         "doctor", "pipelines.tiny_arith_cpu:smoke_config", f"logging.dir={tmp_path / 'run'}", "--cluster", "local",
+         "--json"], capture_output=True, text=True, timeout=240, env=os.environ | {"PYTHONPATH": str(REPO)})
+    checks = {c["name"]: c for c in json.loads(done.stdout)}
+    limit = checks["time limit"]
+    assert limit["detail"].startswith("job ") and ": 5:00 " in limit["detail"], limit
+    assert checks["slurm client"]["status"] == "ok" and checks["logging.dir"]["status"] == "ok"

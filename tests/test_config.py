@@ -25,17 +25,22 @@ from delta_megatron.utils.configs import (
     validate,
     walk_fields,
 )
-from launchers.executors import ClusterProfile
 
 REPO = Path(__file__).resolve().parents[1]
-# every config tree: the run config and the configs that are not YAML sections of it
-ROOTS = (Config, ActorConfig, EvalSettings, ExtrapolationConfig, ArithmeticConfig, Hardware, PlanOptions,
-         ClusterProfile)
+
+
+def roots() -> tuple[type, ...]:
+    """Every config tree: the run config and the configs that are not YAML sections of it (launchers
+    imported here, not at collection: tests/launch/conftest.py must set NEMORUN_HOME first)."""
+    from launchers.executors import ClusterProfile
+
+    return (Config, ActorConfig, EvalSettings, ExtrapolationConfig, ArithmeticConfig, Hardware, PlanOptions,
+            ClusterProfile)
 
 
 def config_classes() -> set[type]:
     found = set()
-    for root in ROOTS:
+    for root in roots():
         found.add(root)
         found |= {tp for _, _, tp in walk_fields(root) if dataclasses.is_dataclass(tp)}
     return found
@@ -185,7 +190,7 @@ def test_every_config_class_is_a_section_with_documented_ranged_fields():
         assert issubclass(cls, Section), f"{cls.__name__} must subclass utils.configs.Section"
         for f in dataclasses.fields(cls):
             assert field_doc(f), f"{cls.__name__}.{f.name}: declare it with option(default, 'meaning')"
-    for root in ROOTS:
+    for root in roots():
         for path, f, tp in walk_fields(root):
             if _numeric(tp) and not dataclasses.is_dataclass(tp):
                 assert field_bounds(f) is not None, f"{root.__name__}: {path} declares no range (ge/gt/le/lt)"

@@ -70,6 +70,16 @@ def actor(groups, hf_dir):
     return MegatronActor(make_config(hf_dir).actor_config(), groups)
 
 
+def test_train_deterministic_reaches_megatron(actor):
+    """``train.deterministic`` (on in these configs) is megatron's deterministic_mode: the embedding
+    takes its index-based path, and every comparison in this file holds with it."""
+    from delta_megatron.models.gpt import unwrap
+
+    assert actor.cfg.train.deterministic
+    assert unwrap(actor.model[0]).config.deterministic_mode is True
+    assert unwrap(actor.model[0]).embedding.word_embeddings.deterministic_mode is True
+
+
 def test_reference_is_not_degenerate(ref):
     """The comparisons below mean something: λ̄ varies, both advantage signs and A = 0 occur."""
     resp = ref.batch.loss_mask

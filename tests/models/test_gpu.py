@@ -48,3 +48,30 @@ def test_cp2_attention_matches_unsharded(tmp_path):
     ref = tmp_path / "ref.pt"
     torch.save(hf_logits(model, sample_sequences()), ref)
     torchrun("mg_gpu_te.py", 2, ["--mode", "cp", "--model", str(model), "--ref", str(ref)], gpu=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_deterministic_kernels_on_cuda(monkeypatch):
+    """``train.deterministic`` on CUDA: TE attention without non-deterministic algorithms, a fixed cuBLAS
+    workspace, torch's deterministic algorithms; then the same matmul+scatter twice gives equal bits."""
+    from delta_megatron.models.gpt import use_deterministic_kernels
+
+    for var in ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "CUBLAS_WORKSPACE_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        use_deterministic_kernels()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        import os
+
+        assert os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] == "0"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        gen = torch.Generator().manual_seed(0)
+        src = torch.randn(100_000, 64, generator=gen).cuda()
+        idx = torch.randint(0, 16, (100_000,), generator=gen).cuda()
+        runs = [torch.zeros(16, 64, device="cuda").index_add_(0, idx, src @ src[:64].T) for _ in range(2)]
+        assert torch.equal(runs[0], runs[1])
+    finally:
+        torch.use_deterministic_algorithms(was)

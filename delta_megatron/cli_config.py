@@ -48,7 +48,8 @@ def load_runs(spec: str, overrides: list[str] | None = None, nodes: int | None =
 
 
 def _flow(value: Any) -> str:
-    return yaml.safe_dump(to_dict(value), default_flow_style=True, width=1 << 16).strip().removesuffix("...").strip()
+    text = yaml.safe_dump(to_dict(value), default_flow_style=True, width=1 << 16)
+    return text.strip().removesuffix("...").strip()
 
 
 def explain_lines(keys: list[str]) -> list[str]:
@@ -60,7 +61,8 @@ def explain_lines(keys: list[str]) -> list[str]:
     for key in keys:
         hit = [(p, f, tp) for p, f, tp in fields if p == key or p.startswith(key + ".")]
         if not hit:
-            raise ConfigError(key, key, "no such config key; closest: " + ", ".join(closest_first(key, paths)[:5]))
+            raise ConfigError(key, key,
+                              "no such config key; closest: " + ", ".join(closest_first(key, paths)[:5]))
         wanted += hit
     lines = []
     for path, f, tp in wanted:
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.action == "explain":
             if not sources and not args.all:
-                parser.error("explain needs a KEY (e.g. train.lr, or a section such as credit.delta) or --all")
+                parser.error("explain needs a KEY (train.lr, or a section such as credit.delta) or --all")
             print("\n".join(explain_lines([p for p, _, _ in walk_fields(Config) if "." not in p]
                                           if args.all else sources)))
             return 0
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("diff needs A B (two sources) or one sweep recipe")
         runs = [load_runs(s, overrides, args.nodes) for s in sources]
         if len(sources) == 2:
-            pairs = [(f"{sources[0]} -> {sources[1]}", next(iter(runs[0].values())), next(iter(runs[1].values())))]
+            first, second = (next(iter(r.values())) for r in runs)
+            pairs = [(f"{sources[0]} -> {sources[1]}", first, second)]
             for spec, got in zip(sources, runs):
                 if len(got) > 1:
                     parser.error(f"{spec} is a sweep of {len(got)} runs: pick one with {spec}@RUN")

@@ -295,8 +295,9 @@ def plan_checks(cfg: Config, cluster: str, nodes: int) -> list[Check]:
                             "" if ok else "run on nodes matching the profile, or change the layout "
                                           "(delta-megatron plan)"))
     elif need_gpus:
-        checks.append(Check("gpus vs plan", _need(needs_gpu(cfg)), f"no CUDA device; the {cluster} plan needs "
-                            f"{need_gpus} GPUs per node with {gib(peak):.1f} GiB each",
+        checks.append(Check("gpus vs plan", _need(needs_gpu(cfg)),
+                            f"no CUDA device; the {cluster} plan needs {need_gpus} GPUs per node with "
+                            f"{gib(peak):.1f} GiB each",
                             "run on a GPU node of the profile"))
     else:
         checks.append(Check("gpus vs plan", "ok",
@@ -307,8 +308,8 @@ def plan_checks(cfg: Config, cluster: str, nodes: int) -> list[Check]:
     ckpt = Path(cfg.checkpoint.dir or Path(cfg.logging.dir) / "checkpoints")
     free = shutil.disk_usage(_existing_ancestor(ckpt)).free
     checks.append(Check("disk", "ok" if free >= need else "fail",
-                        f"{human(free)} free under {_existing_ancestor(ckpt)}; checkpoints need {human(need)} "
-                        f"({cfg.checkpoint.keep} kept + 1 being written, {human(size)} each)",
+                        f"{human(free)} free under {_existing_ancestor(ckpt)}; checkpoints need "
+                        f"{human(need)} ({cfg.checkpoint.keep} kept + 1 being written, {human(size)} each)",
                         "" if free >= need else "free space, point checkpoint.dir at a larger filesystem, or "
                                                 "lower checkpoint.keep"))
 
@@ -320,11 +321,13 @@ def plan_checks(cfg: Config, cluster: str, nodes: int) -> list[Check]:
     limit = slurm_seconds(limit_text) if limit_text else None
     where = f"job {job}" if job else f"profile {cluster}"
     if limit is None:
-        checks.append(Check("time limit", "ok", f"{where}: no time limit; step ~{step:.0f} s, save ~{save:.0f} s"))
+        checks.append(Check("time limit", "ok",
+                            f"{where}: no time limit; step ~{step:.0f} s, save ~{save:.0f} s"))
     elif limit < step + save:
-        checks.append(Check("time limit", "fail", f"{where}: {limit_text} < one step (~{step:.0f} s) + one save "
-                            f"(~{save:.0f} s)", "raise the time limit (profile slurm.time / sbatch --time) or "
-                                                "shrink the step (prompts_per_step, max_new_tokens)"))
+        checks.append(Check("time limit", "fail",
+                            f"{where}: {limit_text} < one step (~{step:.0f} s) + one save (~{save:.0f} s)",
+                            "raise the time limit (profile slurm.time / sbatch --time) or shrink the step "
+                            "(prompts_per_step, max_new_tokens)"))
     else:
         signal = slurm.get("signal")
         lead = int(str(signal).rpartition("@")[2]) if signal else 0
@@ -334,8 +337,9 @@ def plan_checks(cfg: Config, cluster: str, nodes: int) -> list[Check]:
             f"~{per_job} of {cfg.train.steps} steps per job (requeues continue)"
         detail = f"{where}: {limit_text} holds {held}; step ~{step:.0f} s, save ~{save:.0f} s"
         if lead < save + train_phase:
-            checks.append(Check("time limit", "warn", detail + f"; preemption signal lead {lead} s < save + one "
-                                f"train phase (~{save + train_phase:.0f} s)",
+            checks.append(Check("time limit", "warn",
+                                detail + f"; preemption signal lead {lead} s < save + one train phase "
+                                f"(~{save + train_phase:.0f} s)",
                                 "raise the profile's slurm.signal lead (B:USR1@<seconds>)"))
         else:
             checks.append(Check("time limit", "ok", detail + f"; signal lead {lead} s covers a save"))
@@ -382,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
          "srun -N 2 --ntasks-per-node 1 delta-megatron doctor run.yaml --nodes 2   # every node of a job"])
     parser.add_argument("recipe", nargs="?", help="recipe name, module:function or YAML config")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. checkpoint.dir=/ckpt")
-    parser.add_argument("--nodes", type=int, default=1, help="actor nodes (the plan and recipes that take it)")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="actor nodes (the plan and recipes that take it)")
     parser.add_argument("--cluster", default="b200", help="profile name or YAML path (default b200)")
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))

@@ -54,7 +54,8 @@ class Config(Section):
     credit: CreditConfig = option(doc="token credit assignment", default_factory=CreditConfig)
     reward: RewardConfig = option(doc="the verifier and its reward values", default_factory=RewardConfig)
     data: DataConfig = option(doc="training and eval data", default_factory=DataConfig)
-    train: TrainConfig = option(doc="optimizer, schedule, PPO epochs, token budgets", default_factory=TrainConfig)
+    train: TrainConfig = option(doc="optimizer, schedule, PPO epochs, token budgets",
+                                default_factory=TrainConfig)
     checkpoint: CheckpointConfig = option(doc="checkpoints and resume", default_factory=CheckpointConfig)
     logging: LoggingConfig = option(doc="run directory and metrics sinks", default_factory=LoggingConfig)
     eval: EvalConfig = option(doc="periodic evaluation", default_factory=EvalConfig)

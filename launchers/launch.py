@@ -163,7 +163,8 @@ def launch(runs: dict[str, Config], *, executor: str, profile: ClusterProfile, n
                     ROUTER_ENV: f"http://${{het_group_host_1}}:{cfg.rollout.sglang.router_port}"}
                 rollout = rollout_executor(profile, rollout_nodes, dry_run=dry_run)
                 task = train_script(run_cfg, torchrun=(n, profile.ranks_per_node),
-                                    rdzv=rdzv_id(f"{title}/{name}"), doctor=(profile.name, n) if doctor else None)
+                                    rdzv=rdzv_id(f"{title}/{name}"),
+                                    doctor=(profile.name, n) if doctor else None)
                 exp.add([task, rollout_script(cfg, profile.ranks_per_node)],
                         executor=make_heterogeneous(actor, rollout), name=name)
                 continue

@@ -16,7 +16,8 @@ from delta_megatron.utils.configs import Section, fail, option
 @dataclass
 class TrainConfig(Section):
     steps: int = option(60, "RL steps (rollout batches)", ge=1)
-    prompts_per_step: int = option(64, "prompts per rollout batch (each sampled rollout.n_samples times)", ge=1)
+    prompts_per_step: int = option(64, "prompts per rollout batch (each sampled rollout.n_samples times)",
+                                   ge=1)
     mini_batches: int = option(2, "optimizer steps per rollout batch (per PPO epoch); divides "
                                   "prompts_per_step", ge=1)
     ppo_epochs: int = option(1, "passes over each rollout batch", ge=1)
@@ -57,4 +58,5 @@ class ActorConfig(Section):
     algo: AlgoConfig = option(doc="the algo section", default_factory=AlgoConfig)
     logprob_temperature: float = option(1.0, "π_old is the sampling distribution: log-probs at its "
                                              "temperature", gt=0)
-    loss_const: float = option(32.0, "Dr.GRPO L_const (algo.loss_const, default rollout.max_new_tokens)", gt=0)
+    loss_const: float = option(32.0, "Dr.GRPO L_const (algo.loss_const, default rollout.max_new_tokens)",
+                               gt=0)

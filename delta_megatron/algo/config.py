@@ -33,7 +33,8 @@ class LossConfig(Section):
     name: str = option("ppo", "a registered policy loss: ppo, gspo, sapo, fipo")
     clip_low: float = option(0.2, "PPO clip ε_low (ratio >= 1 - ε_low)", ge=0, lt=1)
     clip_high: float = option(0.28, "PPO clip ε_high (ratio <= 1 + ε_high; clip-higher)", ge=0)
-    dual_clip_c: float | None = option(10.0, "dual-clip threshold c for negative advantages; null = off", gt=1)
+    dual_clip_c: float | None = option(10.0, "dual-clip threshold c for negative advantages; null = off",
+                                       gt=1)
     gspo: GSPOConfig = option(doc="GSPO's sequence-ratio clip", default_factory=GSPOConfig)
     sapo: SAPOConfig = option(doc="SAPO's gate temperatures", default_factory=SAPOConfig)
     fipo: FIPOConfig = option(doc="FIPO's future-KL weighting", default_factory=FIPOConfig)

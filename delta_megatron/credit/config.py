@@ -24,7 +24,8 @@ class CreditConfig(Section):
     delta: DeltaConfig = option(doc="DelTA", default_factory=DeltaConfig)
     ktae: KTAEConfig = option(doc="KTAE key-token advantages", default_factory=KTAEConfig)
     lowprob: LowProbConfig = option(doc="low-probability token re-weighting", default_factory=LowProbConfig)
-    forking: ForkingConfig = option(doc="Forking Tokens (top-entropy tokens only)", default_factory=ForkingConfig)
+    forking: ForkingConfig = option(doc="Forking Tokens (top-entropy tokens only)",
+                                    default_factory=ForkingConfig)
     counterfactual: CounterfactualConfig = option(doc="counterfactual span importance",
                                                   default_factory=CounterfactualConfig)
 

@@ -20,8 +20,8 @@ from delta_megatron.models.config import ModelConfig
 from delta_megatron.parallel import ParallelConfig
 from delta_megatron.utils.configs import ConfigError
 
-__all__ = ["te_available", "resolve_layer_spec", "transformer_config", "layer_spec", "use_deterministic_kernels",
-           "build_gpt_model", "build_model_chunks", "output_weight", "return_hidden",
+__all__ = ["te_available", "resolve_layer_spec", "transformer_config", "layer_spec",
+           "use_deterministic_kernels", "build_gpt_model", "build_model_chunks", "output_weight", "return_hidden",
            "padded_vocab_size", "unwrap"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

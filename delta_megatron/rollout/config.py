@@ -15,7 +15,8 @@ class SGLangConfig(Section):
 
     num_servers: int = option(1, "SGLang servers the trainer starts (colocated on the actor GPUs)", ge=1)
     tp: int = option(1, "tensor-parallel size of each SGLang server", ge=1)
-    mem_fraction: float = option(0.7, "GPU memory fraction each server takes (weights + KV cache)", gt=0, le=1)
+    mem_fraction: float = option(0.7, "GPU memory fraction each server takes (weights + KV cache)",
+                                 gt=0, le=1)
     port_base: int = option(30000, "port of server 0 (server i listens on port_base + i)", ge=1, le=65535)
     router_port: int = option(29000, "port of the SGLang router", ge=1, le=65535)
     request_timeout_s: float = option(600.0, "per-request HTTP timeout (seconds)", gt=0)

@@ -10,7 +10,8 @@ import textwrap
 __all__ = ["command_parser"]
 
 
-def command_parser(prog: str, what: str, inputs: str, outputs: str, examples: list[str]) -> argparse.ArgumentParser:
+def command_parser(prog: str, what: str, inputs: str, outputs: str,
+                   examples: list[str]) -> argparse.ArgumentParser:
     """An ArgumentParser whose help reads: ``what``, then ``Inputs:``, ``Outputs:`` and ``Example:``
     paragraphs (kept as written: no re-wrapping)."""
     body = "\n\n".join([textwrap.dedent(what).strip(),

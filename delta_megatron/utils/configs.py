@@ -62,7 +62,8 @@ class Bounds:
 
     def ok(self, value: float) -> bool:
         return not ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
-                    or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
+                    or (self.le is not None and value > self.le)
+                    or (self.lt is not None and value >= self.lt))
 
     def describe(self) -> str:
         """``>= 1``, ``> 0``, ``[0, 1)``, or ``any finite number``."""

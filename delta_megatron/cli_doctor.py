@@ -374,7 +374,14 @@ def print_table(checks: list[Check], title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser(
         "delta-megatron doctor",
-        __doc__.split("\n\n")[1].replace("\n", " ").strip(),
+        """\
+        Check, before a long Slurm job starts, that this node has what the run needs, and say how to
+        fix what is missing: Python, torch/CUDA, NCCL, megatron-core, transformer-engine, SGLang and its
+        router, math-verify (at the versions the package pins; needed or optional by the recipe's layer
+        spec, engine and verifier), GPU count and memory against the plan, the Slurm client and
+        accounting, readable data/model/tokenizer paths, writable log and checkpoint directories, free
+        disk for checkpoint.keep + 1 checkpoints, and the time limit against the planner's step and save
+        time (inside a job step: the job's own limit; `launch --doctor` runs it on every node).""",
         """\
         RECIPE (optional): a recipe name, module:function or YAML config (NAME@RUN for one run of a
         sweep) and dotted overrides; without it only the software and Slurm checks run.

@@ -55,7 +55,7 @@ def test_version(capsys):
 def test_every_subcommand_says_what_it_reads_writes_with_an_example(capsys, command):
     code, out, _ = run(capsys, command, "--help")
     assert code == 0
-    assert f"usage: delta-megatron {command}" in out
+    assert f"usage: delta-megatron {command}" in out and "``" not in out  # plain text, no RST
     head, rest = out.split("Inputs:\n", 1)
     inputs, rest = rest.split("Outputs:\n", 1)
     outputs, example = rest.split("Example:\n", 1)

@@ -14,7 +14,7 @@ def command_parser(prog: str, what: str, inputs: str, outputs: str,
                    examples: list[str]) -> argparse.ArgumentParser:
     """An ArgumentParser whose help reads: ``what``, then ``Inputs:``, ``Outputs:`` and ``Example:``
     paragraphs (kept as written: no re-wrapping)."""
-    body = "\n\n".join([textwrap.dedent(what).strip(),
+    body = "\n\n".join([textwrap.dedent(what).strip(),  # each line as given (dedented)
                         "Inputs:\n" + textwrap.indent(textwrap.dedent(inputs).strip(), "  "),
                         "Outputs:\n" + textwrap.indent(textwrap.dedent(outputs).strip(), "  ")])
     epilog = "Example:\n" + "\n".join(f"  {line}" for line in examples)

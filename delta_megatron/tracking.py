@@ -2,12 +2,15 @@
 
 Every sink receives the same flat ``{name: float}`` dict per step; names use ``/`` to group
 (``train/pg_loss``, ``credit/lambda_bar_std``). The jsonl file is the source of truth for plots and
-tests; it is appended line by line and flushed so a killed run loses at most the current step.
+tests; it is appended line by line and flushed so a killed run loses at most the current step. A kill
+or a full disk mid-write leaves a torn last line: readers skip it, and a resumed run repairs the file
+(drops it, and the steps it will redo) before appending.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -20,6 +23,8 @@ from typing import Any
 import torch
 
 from delta_megatron.utils.configs import Section, fail, option
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,7 +66,10 @@ def _scalar(value: Any) -> float | None:
 class MetricsLogger:
     def __init__(self, log_dir: str | Path, jsonl: bool = True, tensorboard: bool = True,
                  wandb_project: str | None = None, run_name: str | None = None,
-                 config: dict | None = None, resume_step: int | None = None):
+                 config: dict | None = None, resume_step: int | None = None,
+                 companions: tuple[str, ...] = ()):
+        """``resume_step``: drop records of steps >= it (the resumed run redoes them) from
+        ``metrics.jsonl`` and the ``companions`` (other per-step jsonl files in ``log_dir``)."""
         self.dir = Path(log_dir)
         self.enabled = _is_rank0()
         self._jsonl = None
@@ -70,10 +78,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            for name in companions:
+                repair_jsonl(self.dir / name, resume_step)
         if jsonl:
             path = self.dir / "metrics.jsonl"
-            if resume_step is not None and path.exists():
-                _truncate_after(path, resume_step)  # drop steps the resumed run will redo
+            if resume_step is not None:
+                repair_jsonl(path, resume_step)  # drop steps the resumed run will redo
             self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -109,17 +120,55 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", -1) < step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+def _parse_lines(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    """(line, record) of every parsable line, and the 1-based numbers of the lines that are not."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(lineno)
+                continue
+            if isinstance(record, dict):
+                rows.append((line.rstrip("\n"), record))
+            else:
+                bad.append(lineno)
+    return rows, bad
+
+
+def repair_jsonl(path: str | Path, before_step: int) -> int:
+    """Keep the records of ``path`` with ``step < before_step`` and drop the rest, plus any line that
+    does not parse (a torn last line after a kill or a full disk); atomic. Returns lines dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    rows, bad = _parse_lines(path)
+    keep = [line for line, rec in rows if rec.get("step", -1) < before_step]
+    if bad:
+        log.warning("%s: dropped %d unreadable line(s) (line %s%s): torn by a kill or a full disk",
+                    path, len(bad), bad[0], ", ..." if len(bad) > 1 else "")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in keep))
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    return len(rows) + len(bad) - len(keep)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The records of a metrics jsonl file. A torn last line (a run killed mid-write, or one still
+    writing) is skipped; an unreadable line anywhere else is an error naming it."""
+    rows, bad = _parse_lines(Path(path))
+    if bad:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            last = sum(1 for _ in fh)
+        if bad != [last]:
+            raise ValueError(f"{path}:{bad[0]}: not a JSON object (a metrics file has one per line)")
+    return [rec for _, rec in rows]
 
 
 @contextmanager

@@ -55,7 +55,8 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep)
         self.start_step = self._maybe_resume()
         self.log = MetricsLogger(self.out, cfg.logging.jsonl, cfg.logging.tensorboard,
-                                 cfg.logging.wandb_project, config=to_dict(cfg), resume_step=self.start_step)
+                                 cfg.logging.wandb_project, config=to_dict(cfg), resume_step=self.start_step,
+                                 companions=("samples.jsonl",))
         self.preemption = Preemption().install()
         self.preempted = False
         self.rollout_stats: dict[str, float] = {}  # dynamic-sampling counters of the last rollout
@@ -226,10 +227,12 @@ class Trainer:
                 torch.save({"step": step + 1, "prompts": self.prompts.state_dict(), "rng": rng_state(),
                             "credit": self.credit.state_dict()}, path / "trainer.pt")
 
-        return self.ckpt.save(step + 1, write)
+        return self.ckpt.save(step + 1, write, model=self.cfg.model)
 
     def _maybe_resume(self) -> int:
-        path = resolve_resume(self.cfg.checkpoint.resume, self.ckpt.root)
+        """Restore the newest checkpoint that verifies (``auto``) or the one named; a checkpoint of
+        another model shape or with changed bytes is refused naming the field or file."""
+        path = resolve_resume(self.cfg.checkpoint.resume, self.ckpt.root, model=self.cfg.model)
         if path is None:
             return 0
         self.actor.load_checkpoint(path / "actor")

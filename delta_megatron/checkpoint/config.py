@@ -11,8 +11,9 @@ from delta_megatron.utils.configs import Section, fail, option
 class CheckpointConfig(Section):
     dir: str | None = option(None, "checkpoint directory; null = <logging.dir>/checkpoints")
     every: int = option(0, "steps between saves; 0 = only at the end (and on preemption)", ge=0)
-    keep: int = option(2, "newest checkpoints kept; older ones are deleted", ge=1)
-    resume: str = option("none", "none, auto (newest checkpoint in dir, else start), or a checkpoint path")
+    keep: int = option(2, "newest finished checkpoints kept; older ones are deleted (never the newest)", ge=1)
+    resume: str = option("none", "none, auto (newest checkpoint in dir that verifies, else start), or a "
+                                 "checkpoint path")
 
     def validate(self) -> None:
         if self.dir is not None and not self.dir.strip():

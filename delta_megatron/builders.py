@@ -11,6 +11,7 @@ from typing import Any
 
 from delta_megatron.config import Config, ConfigError, check_vocab
 from delta_megatron.data.datasets import load_dataset
+from delta_megatron.data.limits import limit_prompt_length
 from delta_megatron.data.synthetic import ArithmeticConfig, ArithmeticTask, spec_variant, synthetic_dataset
 from delta_megatron.data.templates import BOXED_INSTRUCTION, encode_prompt, render_prompt
 from delta_megatron.data.types import Example, PromptDataset
@@ -49,7 +50,9 @@ def build_tokenizer(cfg: Config, out_dir: Path | None = None):
     return tokenizer, path
 
 
-def build_datasets(cfg: Config) -> tuple[PromptDataset, list[PromptDataset]]:
+def build_datasets(cfg: Config, encode: PromptEncoder | None = None) -> tuple[PromptDataset, list[PromptDataset]]:
+    """Training and eval sets; with ``encode`` (the run's prompt encoder) prompts longer than
+    ``rollout.max_prompt_len`` tokens are dropped or fail the run (``rollout.long_prompts``)."""
     if is_synthetic(cfg):
         task = arithmetic_task(cfg)
         train = synthetic_dataset(cfg.data.train, task.cfg)
@@ -57,7 +60,15 @@ def build_datasets(cfg: Config) -> tuple[PromptDataset, list[PromptDataset]]:
     else:
         train = load_dataset(cfg.data.train)
         evals = [load_dataset(spec, max_rows=cfg.data.max_eval_rows) for spec in cfg.data.eval]
+    if encode is not None:
+        train, evals = limit_prompts(cfg, train, encode), [limit_prompts(cfg, ds, encode) for ds in evals]
     return train, evals
+
+
+def limit_prompts(cfg: Config, dataset: PromptDataset, encode: PromptEncoder) -> PromptDataset:
+    """``dataset`` without prompts over ``rollout.max_prompt_len`` tokens (or an error, per
+    ``rollout.long_prompts``)."""
+    return limit_prompt_length(dataset, encode, cfg.rollout.max_prompt_len, cfg.rollout.long_prompts)
 
 
 def prompt_encoder(cfg: Config, tokenizer: Any) -> PromptEncoder:
@@ -95,11 +106,11 @@ def build_engine(cfg: Config, tokenizer: Any):
         from delta_megatron.rollout.sglang_server import wait_healthy
 
         wait_healthy(router, timeout_s=cfg.rollout.sglang.request_timeout_s)
-        return make_engine(cfg.rollout, router_url=router)
+        return make_engine(cfg.rollout, router_url=router, context_len=cfg.model.max_position_embeddings)
     if cfg.model.hf_path is None:
         raise ValueError("rollout.engine: 'sglang' — SGLang servers start from an HF checkpoint; "
                          "set model.hf_path")
-    return make_engine(cfg.rollout, model_path=cfg.model.hf_path)
+    return make_engine(cfg.rollout, model_path=cfg.model.hf_path, context_len=cfg.model.max_position_embeddings)
 
 
 def build_actor(cfg: Config, groups: Any = None, total_optimizer_steps: int | None = None):

@@ -45,14 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     from delta_megatron.rollout.requests import step_seed, text_generator
 
     tokenizer, _ = builders.build_tokenizer(cfg, out)
-    _, eval_sets = builders.build_datasets(cfg)
+    encode = builders.prompt_encoder(cfg, tokenizer)
+    eval_sets = [builders.limit_prompts(cfg, ds, encode) for ds in builders.build_datasets(cfg)[1]]
     if not eval_sets:
         parser.error("no eval sets: set data.eval (e.g. data.eval=[aime24,math500])")
     model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_path, dtype=torch.float32)
     engine = make_engine(cfg.rollout, model=model, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, seed=cfg.train.seed)
     # distinct per-call seeds, reproducible across runs
-    generate = text_generator(engine, tokenizer, builders.prompt_encoder(cfg, tokenizer),
+    generate = text_generator(engine, tokenizer, encode,
                               lambda call: step_seed(cfg.train.seed, 20_000_000 + call + 1, "round0"))
     reward = builders.build_reward(cfg)
     try:

@@ -72,6 +72,12 @@ class Config(Section):
         if self.parallel.vpp and self.model.num_layers % (self.parallel.pp * self.parallel.vpp):
             fail("parallel.vpp", self.parallel.vpp,
                  f"pp*vpp must divide model.num_layers={self.model.num_layers}")
+        context = self.model.max_position_embeddings  # the engine never generates past the context
+        for field_path, new_tokens in (("rollout.max_new_tokens", self.rollout.max_new_tokens),
+                                       ("eval.max_new_tokens", self.eval.max_new_tokens)):
+            if self.rollout.max_prompt_len + new_tokens > context:
+                fail(field_path, new_tokens, f"rollout.max_prompt_len={self.rollout.max_prompt_len} + "
+                     f"{field_path} must be <= model.max_position_embeddings={context}")
         delta = self.credit.delta
         if delta.proxy == "topk_hidden" and delta.topk_k > self.model.vocab_size:
             fail("credit.delta.topk_k", delta.topk_k, f"must be <= model.vocab_size={self.model.vocab_size}")

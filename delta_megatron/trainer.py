@@ -44,7 +44,7 @@ class Trainer:
             dump_yaml(cfg, self.out / "config.yaml")
         self.tokenizer, self.tokenizer_dir = builders.build_tokenizer(cfg, self.out)
         self.encode = builders.prompt_encoder(cfg, self.tokenizer)
-        self.train_set, self.eval_sets = builders.build_datasets(cfg)
+        self.train_set, self.eval_sets = builders.build_datasets(cfg, self.encode)  # long prompts dropped
         self.prompts = PromptStream(self.train_set, cfg.train.prompts_per_step, seed=cfg.data.shuffle_seed)
         self.reward = builders.build_reward(cfg) if self.rank0 else None  # scoring happens on rank 0
         self.engine = builders.build_engine(cfg, self.tokenizer) if self.rank0 else None
@@ -162,6 +162,7 @@ class Trainer:
             "rollout/truncated_frac": float(batch["truncated"].float().mean()),
             "rollout/entropy_mean": float(batch["entropy"][owned].mean()) if "entropy" in batch else 0.0,
             "rollout/num_samples": float(batch.num_seqs),
+            "data/prompts_dropped": float(self.train_set.dropped),  # over rollout.max_prompt_len
         }
         out.update(stats)  # verifier counters and rates, already "reward/…"
         if "logp_rollout" in batch and "logp_old" in batch:  # engine vs actor log-prob mismatch

@@ -22,20 +22,22 @@ from delta_megatron.config import Config, load_config
 
 MODEL = ["model.arch=qwen3", "model.vocab_size=17", "model.hidden_size=128", "model.intermediate_size=384",
          "model.num_layers=4", "model.num_attention_heads=4", "model.num_key_value_heads=2",
-         "model.max_position_embeddings=64", "model.tie_word_embeddings=true"]
+         "model.max_position_embeddings=64", "model.tie_word_embeddings=true",
+         # prompt + response must fit the 64-token context ("999+999=" is 9 tokens with BOS)
+         "rollout.max_prompt_len=16", "rollout.max_new_tokens=6", "eval.max_new_tokens=6"]
 
 
 def config(out: str = "runs/demo", method: str = "delta", steps: int = 40, seed: int = 1) -> Config:
     """The RL run of the demo (``delta`` or ``dapo``); used by ``delta-megatron train --recipe``."""
     return load_config(overrides=MODEL + [
         "data.train=synthetic:arith", "data.synthetic_digits=3", f"data.shuffle_seed={seed}",
-        "rollout.n_samples=8", "rollout.max_new_tokens=6", "rollout.temperature=1.0",
+        "rollout.n_samples=8", "rollout.temperature=1.0",
         f"train.steps={steps}", "train.prompts_per_step=64", "train.mini_batches=2", "train.lr=5e-4",
         f"train.warmup_steps={min(5, steps)}", "train.grad_clip=1.0", f"train.seed={seed}",
         "train.max_tokens_per_gpu_logprob=1024", "train.max_tokens_per_gpu_train=1024",
         "algo.loss.name=ppo", "algo.loss.clip_low=0.2", "algo.loss.clip_high=0.28",
         f"credit.methods=[{method}]" if method != "dapo" else "credit.methods=[]",
-        "reward.kind=exact_match", "eval.every=10", "eval.k=4", "eval.top_p=1.0", "eval.max_new_tokens=6",
+        "reward.kind=exact_match", "eval.every=10", "eval.k=4", "eval.top_p=1.0",
         "eval.max_prompts=128", f"logging.dir={out}/{method}", "logging.log_every=5",
         "parallel.distributed_optimizer=false"])
 

@@ -5,13 +5,18 @@ RL parquet/jsonl rows (``prompt`` as a string or chat-message list, ``reward_mod
 ``data_source``, ``extra_info.index``). Everything downstream (templates, rollout, reward, eval) sees
 only :class:`Example`, so the trainer never branches on where data came from. A malformed row raises
 :class:`DatasetError` naming the file and row, rather than being skipped: a silently shrunken eval set
-changes the numbers.
+changes the numbers. That includes bytes that are not UTF-8, an unreadable parquet file, and numeric
+answers that cannot be the intended gold string: NaN, infinities (``1e400`` overflows) and numbers
+whose digits a float cannot hold (``12345678901234567890.5``) — JSON numbers are checked against
+their source text, so ``0.1`` passes and a 20-digit float does not.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -46,41 +51,102 @@ def resolve_path(spec: str | Path, data_dirs: Sequence[Path] | None = None) -> P
                        f"{{eval,train}}/{spec}{{.jsonl,.parquet,.json}} under {[str(d) for d in dirs]}")
 
 
+class _JsonFloat(float):
+    """A JSON number parsed as float, keeping its source text (to detect digits the float lost)."""
+
+    text: str
+
+
+def _json_float(text: str) -> float:
+    value = _JsonFloat(text)
+    value.text = text
+    return value
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_float=_json_float)
+
+
+def _decode(data: bytes, where: str, line_offset: int = 0) -> str:
+    """UTF-8 text (a leading BOM dropped), or DatasetError naming the line and column of the bad byte."""
+    try:
+        return data.decode("utf-8-sig" if line_offset == 0 else "utf-8")
+    except UnicodeDecodeError as err:
+        line = line_offset + data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DatasetError(f"{where}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column "
+                           f"{column}); re-encode the file as UTF-8") from None
+
+
 def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(where, row)`` with ``where`` = ``file:line`` (jsonl) or ``file:row`` for messages."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = _decode(raw, str(path), lineno - 1)
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = _loads(line)
                 except json.JSONDecodeError as err:
                     raise DatasetError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
                 yield f"{path}:{lineno}", row
     elif suffix == ".json":
-        with open(path, encoding="utf-8") as fh:
-            try:
-                rows = json.load(fh)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        text = _decode(path.read_bytes(), str(path))
+        try:
+            rows = _loads(text)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
         if not isinstance(rows, list):
             raise DatasetError(f"{path}: a .json dataset must hold a list of rows")
         for i, row in enumerate(rows):
             yield f"{path}:row {i}", row
     elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DatasetError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        i = 0
+        yield from _parquet_rows(path)
+    else:
+        raise DatasetError(f"{path}: unsupported file type {suffix!r}; use one of {_SUFFIXES}")
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DatasetError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    i = 0
+    try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             for row in batch.to_pylist():
                 yield f"{path}:row {i}", row
                 i += 1
-    else:
-        raise DatasetError(f"{path}: unsupported file type {suffix!r}; use one of {_SUFFIXES}")
+    except (pa.ArrowException, OSError) as err:
+        where = f"{path}: not a readable parquet file" if i == 0 else \
+            f"{path}:row {i}: unreadable from this row's batch on (rows 0..{i - 1} read)"
+        raise DatasetError(f"{where} ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+_EXACT_FLOAT_INT = 2**53  # above this, not every integer is a float: 2**53 + 1 reads back as 2**53
+
+
+def _float_answer(value: float, where: str) -> str:
+    """The gold string of a numeric answer; NaN, infinities and lost digits are data errors."""
+    text = getattr(value, "text", None)
+    if not math.isfinite(value):
+        raise DatasetError(f"{where}: answer {text or repr(value)} is not a finite number"
+                           + (" (it overflows a float)" if text else ""))
+    if text is not None:
+        try:
+            lost = Decimal(text) != Decimal(repr(float(value)))
+        except InvalidOperation:
+            lost = False
+        if lost:
+            raise DatasetError(f"{where}: answer {text} has more digits than a float holds (it would "
+                               f"become {float(value)!r}); write it as a string")
+    elif value.is_integer() and abs(value) >= _EXACT_FLOAT_INT:
+        raise DatasetError(f"{where}: answer {float(value)!r} is an integer beyond 2**53 stored as a float, "
+                           "so its last digits are lost; store it as a string or integer")
+    return str(int(value)) if value.is_integer() else repr(float(value))
 
 
 def _answer_text(value: Any, where: str) -> str:
@@ -89,7 +155,7 @@ def _answer_text(value: Any, where: str) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
+        return _float_answer(value, where)
     if isinstance(value, (list, tuple)) and len(value) == 1:
         return _answer_text(value[0], where)
     if not isinstance(value, str):
@@ -149,7 +215,7 @@ def row_to_example(row: Any, *, where: str, stem: str, index: int) -> Example:
         ex_id = f"{stem}/{extra['index']}"
     else:
         ex_id = f"{stem}/{index}"
-    return Example(id=ex_id, prompt=prompt, answer=answer, source=str(source))
+    return Example(id=ex_id, prompt=prompt, answer=answer, source=str(source), origin=where)
 
 
 def load_dataset(spec: str | Path, *, name: str | None = None, max_rows: int | None = None,

@@ -7,7 +7,7 @@ them and not on each other.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 __all__ = ["DatasetError", "Example", "Message", "Prompt", "PromptDataset"]
@@ -23,12 +23,14 @@ class DatasetError(ValueError):
 @dataclass(frozen=True)
 class Example:
     """One prompt with its reference answer. ``prompt`` is the raw question text, or chat messages
-    (``[{"role": "user", "content": ...}, ...]``) when the dataset ships them (verl style)."""
+    (``[{"role": "user", "content": ...}, ...]``) when the dataset ships them (verl style). ``origin``
+    is where it was read (``file:line``), for errors about it later; it takes no part in equality."""
 
     id: str
     prompt: Prompt
     answer: str
     source: str
+    origin: str = field(default="", compare=False)
 
     @property
     def messages(self) -> list[Message] | None:
@@ -49,6 +51,7 @@ class PromptDataset(Sequence[Example]):
     def __init__(self, name: str, examples: Sequence[Example], path: str | None = None):
         self.name, self.path = name, path
         self.examples: list[Example] = list(examples)
+        self.dropped, self.dropped_ids = 0, []  # prompts left out by the length limit (data/limits.py)
         seen: dict[str, int] = {}
         for i, ex in enumerate(self.examples):
             if ex.id in seen:

@@ -19,8 +19,11 @@ class SGLangConfig(Section):
                                  gt=0, le=1)
     port_base: int = option(30000, "port of server 0 (server i listens on port_base + i)", ge=1, le=65535)
     router_port: int = option(29000, "port of the SGLang router", ge=1, le=65535)
-    request_timeout_s: float = option(600.0, "per-request HTTP timeout (seconds)", gt=0)
+    request_timeout_s: float = option(600.0, "HTTP timeout of one attempt (seconds); a call gives up after "
+                                             "request_timeout_s × (max_retries + 1) + backoff", gt=0)
     max_retries: int = option(3, "retries of a failed or timed-out request", ge=0)
+    health_interval_s: float = option(10.0, "seconds between /health probes of every server during "
+                                            "generation; a dead server is reported within it", gt=0)
     max_concurrency: int = option(256, "generation requests in flight at once", ge=1)
     weight_sync: Literal["ipc", "nccl", "disk"] = option("ipc", "how new weights reach the servers")
     sync_bucket_mb: int = option(512, "tensor bucket size of one weight-sync push (MiB)", ge=1)
@@ -37,7 +40,10 @@ class RolloutConfig(Section):
     top_p: float = option(1.0, "nucleus sampling mass; 1 = off", gt=0, le=1)
     top_k: int = option(-1, "top-k sampling; -1 = off", ge=-1)
     max_new_tokens: int = option(32, "response budget in tokens", ge=1)
-    max_prompt_len: int = option(64, "longest prompt in tokens", ge=1)
+    max_prompt_len: int = option(64, "longest prompt in tokens (template included); longer ones are "
+                                     "handled by long_prompts", ge=1)
+    long_prompts: Literal["drop", "fail"] = option(
+        "drop", "prompts over max_prompt_len: drop (counted, logged) or fail naming the file and row")
     batch_size: int = option(512, "sequences the embedded engine generates together", ge=1)
     sglang: SGLangConfig = option(doc="SGLang servers and router", default_factory=SGLangConfig)
 

@@ -32,6 +32,7 @@ from delta_megatron.rollout.engine import (
     Sample,
     SamplingParams,
     WeightSyncError,
+    room_in_context,
     sample_slots,
 )
 
@@ -124,6 +125,8 @@ class EmbeddedEngine:
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         self.eos_token_ids = tuple(int(t) for t in eos)
         self.batch_size = int(batch_size)
+        # generation stops at the model's context: a sample is cut ("length") rather than run past it
+        self.context_len: int | None = getattr(model.config, "max_position_embeddings", None)
         self.weight_version = 0
         self._seed_gen = torch.Generator().manual_seed(seed)  # seeds for unseeded requests
         self._lock = threading.RLock()  # one micro-batch or weight update at a time
@@ -148,10 +151,11 @@ class EmbeddedEngine:
                 seeds[req.request_id] = req.params.seed if req.params.seed is not None else int(
                     torch.randint(_SEED_MOD, (1,), generator=self._seed_gen))
         for req, idx in rows:
-            if req.remaining_tokens == 0:
+            remaining = room_in_context(req, self.context_len)
+            if remaining == 0:
                 out[(req.request_id, idx)] = self._sample(req, idx, [], [], "length")
             else:  # requests that differ only in seed share micro-batches
-                key = (req.params.replace(n=1, seed=None), req.remaining_tokens)
+                key = (req.params.replace(n=1, seed=None), remaining)
                 groups.setdefault(key, []).append((req, idx))
         with self._track(requests):
             for (params, remaining), group in groups.items():

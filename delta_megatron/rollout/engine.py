@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FinishReason", "SamplingParams", "GenerateRequest", "Sample", "RolloutEngine",
     "RolloutError", "RequestFailed", "WeightSyncError", "PartialRolloutBuffer", "weight_update_window",
-    "sample_slots",
+    "sample_slots", "room_in_context",
 ]
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -191,6 +191,19 @@ class RolloutEngine(Protocol):
         ``finish_reason == "abort"`` and the tokens generated so far."""
 
     def close(self) -> None: ...
+
+
+def room_in_context(req: GenerateRequest, context_len: int | None) -> int:
+    """Tokens ``req`` may still generate: its budget, cut so prompt + response never exceed the
+    model's context (``max_position_embeddings``); a prompt that fills the context is an error."""
+    if context_len is None:
+        return req.remaining_tokens
+    used = len(req.prompt_ids) + len(req.response_prefix_ids)
+    if req.remaining_tokens and used >= context_len:
+        raise RolloutError(f"generate: request {req.request_id!r} has {used} prompt tokens, which leaves no "
+                           f"room in the model's context of {context_len} (max_position_embeddings); "
+                           "rollout.max_prompt_len keeps such prompts out")
+    return min(req.remaining_tokens, context_len - used)
 
 
 def sample_slots(requests: Sequence[GenerateRequest]) -> list[tuple[GenerateRequest, int]]:

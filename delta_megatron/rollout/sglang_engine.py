@@ -13,10 +13,18 @@ pause / weight updates / checks go to every worker URL (``GET /workers`` on the 
 given). A weight update is pause → strategy push (:mod:`~delta_megatron.rollout.weight_sync`) →
 flush → resume; on any failure the servers are resumed and a :class:`WeightSyncError` says what failed
 where. ``check_weights`` compares the servers' weights (``/get_weights_by_name``) with the trainer's.
+
+Faults are reported in bounded time, all derived from the config: every HTTP call has a total deadline
+(``request_timeout_s × (max_retries + 1)`` plus backoff sleeps, see ``_http.HttpClient``), the abort
+of a stale attempt before its retry runs in the background and never delays the retry, a failed
+``generate`` cancels its other requests client-side at once (a frozen server cannot hold them), and
+while ``generate`` runs a monitor probes every server's ``/health`` each ``health_interval_s``: a
+server that refuses connections (dead) fails the call within that interval even when a router hides it.
 """
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import threading
 import uuid
@@ -34,12 +42,28 @@ from delta_megatron.rollout.engine import (
     RolloutError,
     Sample,
     WeightSyncError,
+    room_in_context,
     sample_slots,
     weight_update_window,
 )
 from delta_megatron.rollout.weight_sync import WeightSync, load_from_disk, make_weight_sync
 
 __all__ = ["SGLangEngine"]
+
+
+class _Dead(RequestFailed):
+    """A health probe found a server refusing connections."""
+
+
+def _probe(call):
+    """``call()``; a connection refused or reset (the server process is gone) becomes :class:`_Dead`."""
+    try:
+        return call()
+    except RequestFailed as err:
+        if isinstance(err.__cause__, (ConnectionRefusedError, ConnectionResetError,
+                                      http.client.RemoteDisconnected)):
+            raise _Dead(f"server not answering (dead?): {err}") from err
+        raise
 
 
 class SGLangEngine:
@@ -57,7 +81,7 @@ class SGLangEngine:
                  config=None, weight_sync: WeightSync | None = None, servers=None,
                  pause_mode: str = "abort", check_weights: bool | None = None,
                  check_truncate: int = 100, check_atol: float = 0.0, backoff_s: float = 0.5,
-                 control_timeout_s: float | None = None, **_ignored):
+                 control_timeout_s: float | None = None, context_len: int | None = None, **_ignored):
         from delta_megatron.rollout.config import SGLangConfig
 
         cfg = config or SGLangConfig()
@@ -68,6 +92,8 @@ class SGLangEngine:
         self._given_workers = [u.rstrip("/") for u in worker_urls] if worker_urls else None
         self.http = HttpClient(cfg.request_timeout_s, cfg.max_retries, backoff_s=backoff_s)
         self.control_timeout_s = control_timeout_s or cfg.request_timeout_s
+        self.health_interval_s = cfg.health_interval_s
+        self.context_len = context_len  # the model's max_position_embeddings: generation stops there
         self.weight_sync = weight_sync if weight_sync is not None else make_weight_sync(cfg)
         self.pause_mode = pause_mode
         self.check_weights_after_sync = cfg.check_weights if check_weights is None else check_weights
@@ -96,12 +122,12 @@ class SGLangEngine:
     def router_workers(self) -> list[str]:
         """Worker URLs registered in the router (``GET /workers``; ``/list_workers`` before 0.2)."""
         try:
-            listing = self.http.get(f"{self.router_url}/workers", retries=1, timeout=30)
+            listing = self.http.get(f"{self.router_url}/workers", timeout=self.control_timeout_s)
             return [w["url"].rstrip("/") for w in listing["workers"]]
         except RequestFailed as err:
             if getattr(err, "status", None) != 404:
                 raise
-        listing = self.http.get(f"{self.router_url}/list_workers", retries=1, timeout=30)
+        listing = self.http.get(f"{self.router_url}/list_workers", timeout=self.control_timeout_s)
         return [u.rstrip("/") for u in listing["urls"]]
 
     def worker_urls(self) -> list[str]:
@@ -138,25 +164,84 @@ class SGLangEngine:
         requests = list(requests)
         jobs = sample_slots(requests)
         self._enter(requests)
+        guard, stop, dead = threading.Lock(), threading.Event(), []
+        threading.Thread(target=self._watch_health, args=(requests, guard, stop, dead), daemon=True,
+                         name="dm-health").start()
         try:
             futures = [self._pool.submit(self._generate_one, req, idx) for req, idx in jobs]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f for f in done if f.exception() is not None), None)
-            if failed is not None:  # stop the rest, keep the first error
-                self.abort([r.request_id for r in requests])
+            if failed is not None:  # stop the rest now, keep the first error
+                self._fail_fast(requests)
                 wait(pending)
                 raise failed.exception()
+            if dead:
+                raise RolloutError(f"generate: {dead[0]}")
             return [f.result() for f in futures]
         finally:
+            with guard:
+                stop.set()
             self._exit(requests)
 
+    def _watch_health(self, requests: list[GenerateRequest], guard: threading.Lock, stop: threading.Event,
+                      dead: list[str]) -> None:
+        """Probe the servers every ``health_interval_s`` while ``generate`` runs; on a dead one, record
+        it and cancel the call's requests (``generate`` then raises)."""
+        while not stop.wait(self.health_interval_s):
+            found = self._dead_server()
+            with guard:
+                if stop.is_set():
+                    return
+                if found:
+                    dead.append(found)
+                    self._fail_fast(requests)
+                    return
+
+    def _dead_server(self) -> str | None:
+        """What is wrong with the first server (router or worker) that refuses connections, else None.
+        A probe that times out proves nothing (busy or frozen: the request deadlines handle those)."""
+        urls = [self.router_url] if self.router_url else []
+        try:
+            urls += list(self._given_workers) if self._given_workers else _probe(self.router_workers)
+        except _Dead as err:
+            return str(err)
+        except RequestFailed:
+            pass
+        for url in urls:
+            try:
+                _probe(lambda u=url: self.http.get(f"{u}/health", retries=0, timeout=self.health_interval_s,
+                                                   deadline_s=self.health_interval_s))
+            except _Dead as err:
+                return str(err)
+            except RequestFailed:
+                continue
+        return None
+
+    def _fail_fast(self, requests: list[GenerateRequest]) -> None:
+        """Mark ``requests`` aborted and close their sockets now; tell the servers in the background
+        (a frozen server cannot hold the caller)."""
+        with self._state:
+            ids = {r.request_id for r in requests} & set(self._calls)
+            self._aborted |= ids
+            rids = [rid for rq in ids for rid in self._rids.get(rq, ())]
+        self.http.cancel(list(ids))
+        if rids:
+            self._background(self._best_effort_abort, rids)
+
+    def _background(self, fn, *args) -> None:
+        try:
+            self._control.submit(fn, *args)
+        except RuntimeError:  # the engine is closed: nothing left to tell
+            pass
+
     def _generate_one(self, req: GenerateRequest, idx: int) -> Sample:
-        if req.remaining_tokens == 0:
+        max_new = room_in_context(req, self.context_len)
+        if max_new == 0:
             return self._sample(req, idx, [], [], "length")
         if self._is_aborted(req.request_id):
             return self._sample(req, idx, [], [], "abort")
         sp = {"temperature": float(req.params.temperature), "top_p": float(req.params.top_p),
-              "top_k": int(req.params.top_k), "max_new_tokens": req.remaining_tokens,
+              "top_k": int(req.params.top_k), "max_new_tokens": max_new,
               "stop_token_ids": list(req.params.stop_token_ids)}
         if req.params.seed is not None:
             sp["sampling_seed"] = req.params.seed + idx
@@ -165,7 +250,7 @@ class SGLangEngine:
 
         def before_retry(attempt: int, err: Exception) -> None:  # abort the stale attempt, new rid
             old = payload["rid"]
-            self._best_effort_abort([old])
+            self._background(self._best_effort_abort, [old])  # never delays the retry
             payload["rid"] = self._new_rid(req, idx)
             self._swap_rid(req.request_id, old, payload["rid"])
 
@@ -262,12 +347,14 @@ class SGLangEngine:
             self._best_effort_abort(rids)
 
     def _best_effort_abort(self, rids: list[str] | None) -> None:
-        """``/abort_request`` on every server; if a server cannot be reached, cancel client-side."""
+        """``/abort_request`` on every server (one attempt within the control timeout); if a server
+        cannot be reached, cancel client-side."""
         payloads = [{"abort_all": True}] if rids is None else [{"rid": r} for r in rids]
         try:
             for payload in payloads:
                 for url in self.worker_urls():
-                    self.http.post(f"{url}/abort_request", payload, retries=1, timeout=30)
+                    self.http.post(f"{url}/abort_request", payload, retries=0,
+                                   timeout=self.control_timeout_s)
         except RequestFailed:
             with self._state:
                 keys = list(self._aborted)
@@ -357,7 +444,7 @@ class SGLangEngine:
         urls = ([self.router_url] if self.router_url else []) + (self._given_workers or [])
         try:
             for url in urls:
-                self.http.get(f"{url}/health", retries=0, timeout=10)
+                self.http.get(f"{url}/health", retries=0, timeout=self.health_interval_s)
             return True
         except Exception:
             return False

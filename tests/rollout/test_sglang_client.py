@@ -75,6 +75,7 @@ def test_timeout_aborts_stale_attempt_and_retries(fake):
     assert sample.response_ids == greedy_reference(tiny_model(0), [5, 6, 7], 8, {EOS})
     first, second = [b["rid"] for b in fake.calls("/generate")]
     assert first != second and first.startswith("t-0-") and second.startswith("t-0-")
+    assert fake.wait_for("/abort_request", 1, timeout=30)  # sent in the background, not before the retry
     assert {"rid": first} in fake.calls("/abort_request")  # the stale attempt was aborted
 
 

@@ -1,7 +1,11 @@
 """Exact-match reward for tasks whose answers are canonical strings (the synthetic arithmetic task).
 
-No process pool: extraction and string equality cannot hang, so scoring runs in-process. It returns the
-same ``(rewards, VerifyStats)`` as the math reward, so the trainer does not care which one it holds.
+No process pool: scoring runs in-process, so its time must be bounded by construction — string equality
+is linear, the default extractor reads at most ``extract.MAX_CHARS`` characters in linear time, and
+the synthetic task's ``extract`` is a split and a digit check. An ``extract_fn`` passed in must be
+linear too (anything that may backtrack or call a solver belongs in the killable
+:class:`~delta_megatron.reward.verifier_pool.VerifierPool`). It returns the same
+``(rewards, VerifyStats)`` as the math reward, so the trainer does not care which one it holds.
 """
 
 from __future__ import annotations

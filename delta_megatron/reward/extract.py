@@ -5,55 +5,63 @@ the *same* answer out of a response: the last complete ``\\boxed{...}`` (balance
 ``\\frac{1}{2}`` survives), else the last ``Answer: ...`` line (the DAPO prompt format). Golds are plain
 text in our data; math-verify parses a bare ``1/2`` or ``\\frac{1}{2}`` to nothing unless it sits in a
 math environment, so golds and extracted answers are wrapped in ``$...$`` (PLATFORM.md).
+
+Extraction runs in-process (the exact-match reward) and must not be a way to hang a step: it reads at
+most the last :data:`MAX_CHARS` characters of a response and is linear in them — braces are matched
+in one left-to-right pass, and the ``Answer:`` pattern has no nested quantifiers. (An earlier version
+rescanned from every ``\\boxed``: ``"\\boxed{" * 16000`` took 108 s.)
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["last_boxed", "answer_line", "extract_answer", "wrap_math", "normalise_text"]
+__all__ = ["last_boxed", "answer_line", "extract_answer", "wrap_math", "normalise_text", "MAX_CHARS"]
+
+MAX_CHARS = 1 << 17
+"""Extraction reads the last 131072 characters of a response (~32k tokens; the answer is at the end)."""
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
-# "Answer: 42", "**Answer:** 42", "Final Answer: $x=2$" at the start of a line (DAPO's format).
-_ANSWER_LINE = re.compile(r"^[ \t>*_#]*(?:final[ \t]+)?answer[ \t]*(?:\*\*|__)?[ \t]*[:：](.*)$",
+_BRACE_OR_ESCAPE = re.compile(r"\\[\s\S]|[{}]")  # an escape pair first: "\{" is a literal brace
+_BLANKS = re.compile(r"[ \t]*")
+_TOKEN = re.compile(r"[^\s$]*")
+# "Answer: 42", "**Answer:** 42", "Final Answer: $x=2$" at the start of a line (DAPO's format). No two
+# quantifiers may compete for the same characters (that backtracks quadratically on long blank runs).
+_ANSWER_LINE = re.compile(r"^[ \t>*_#]*(?:final[ \t]+)?answer[ \t]*(?:(?:\*\*|__)[ \t]*)?[:：](.*)$",
                           re.IGNORECASE | re.MULTILINE)
 
 
-def _balanced(text: str, start: int) -> int | None:
-    """Index just past the brace group opening at ``text[start] == '{'``, or None if unclosed.
-
+def _closing_braces(text: str) -> dict[int, int]:
+    """``{open index: index of its closing brace}`` for every balanced group, in one pass.
     Escaped braces (``\\{``, ``\\}``: literal set braces in LaTeX) do not count."""
-    depth, i = 0, start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
+    stack: list[int] = []
+    closing: dict[int, int] = {}
+    for m in _BRACE_OR_ESCAPE.finditer(text):
+        ch = m.group()
         if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return None
+            stack.append(m.start())
+        elif ch == "}" and stack:
+            closing[stack.pop()] = m.start()
+    return closing
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last complete, non-empty ``\\boxed{...}`` (or ``\\fbox{...}``/``\\boxed 5``).
 
     A truncated trailing ``\\boxed{...`` is skipped in favour of an earlier complete one."""
-    for match in reversed(list(_BOXED.finditer(text))):
-        i = match.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
+    boxes = list(_BOXED.finditer(text))
+    if not boxes:
+        return None
+    closing = _closing_braces(text)
+    for match in reversed(boxes):
+        i = _BLANKS.match(text, match.end()).end()
         if i < len(text) and text[i] == "{":
-            end = _balanced(text, i)
+            end = closing.get(i)
             if end is None:
                 continue
-            content = text[i + 1:end - 1].strip()
+            content = text[i + 1:end].strip()  # an empty one holds no box: slices stay disjoint
         elif i > match.end():  # "\boxed 5": the token up to whitespace or '$'
-            content = re.match(r"[^\s$]*", text[i:]).group(0)
+            content = _TOKEN.match(text, i).group(0)
         else:
             continue
         if content:
@@ -74,13 +82,26 @@ def answer_line(text: str) -> str | None:
         ans = ans[2:-2].strip()
     elif ans.startswith("\\[") and ans.endswith("\\]"):
         ans = ans[2:-2].strip()
-    while len(ans) >= 2 and ans[0] == "$" and ans[-1] == "$" and not ans.endswith("\\$"):
-        ans = ans[1:-1].strip()
-    return ans or None
+    return _strip_dollars(ans) or None
 
 
-def extract_answer(response: str) -> str | None:
-    """The response's final answer: last ``\\boxed{}``, else last ``Answer:`` line, else None."""
+def _strip_dollars(ans: str) -> str:
+    """Peel ``$...$`` pairs (and the blanks inside each) by moving two indices: slicing once per pair
+    would be quadratic in a run of dollars."""
+    lo, hi = 0, len(ans)
+    while hi - lo >= 2 and ans[lo] == "$" and ans[hi - 1] == "$" and ans[hi - 2] != "\\":
+        lo, hi = lo + 1, hi - 1
+        while lo < hi and ans[lo].isspace():
+            lo += 1
+        while hi > lo and ans[hi - 1].isspace():
+            hi -= 1
+    return ans[lo:hi]
+
+
+def extract_answer(response: str, max_chars: int = MAX_CHARS) -> str | None:
+    """The response's final answer: last ``\\boxed{}``, else last ``Answer:`` line, else None.
+    Only the last ``max_chars`` characters are read (time linear in them)."""
+    response = response[-max_chars:]
     boxed = last_boxed(response)
     return boxed if boxed is not None else answer_line(response)
 

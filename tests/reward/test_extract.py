@@ -50,3 +50,32 @@ def test_boxed_takes_precedence_over_answer_line():
 ])
 def test_wrap_math(text, expected):
     assert wrap_math(text) == expected
+
+
+# Adversarial responses (the fault corpus): each would take minutes with a rescanning or backtracking
+# extractor (``"\\boxed{" * 16000`` took 108 s in-process); the answers must still be the right ones.
+ADVERSARIAL = {
+    "16k unclosed boxes": ("\\boxed{" * 16000, None),
+    "unclosed boxes after a good one": ("\\boxed{7}" + "\\boxed{" * 16000, "7"),
+    "50k nested boxes": ("\\boxed{" * 50000 + "}" * 50000, "\\boxed{}"),
+    "100k empty boxes then one": ("\\boxed{}" * 100000 + "\\boxed{5}", "5"),
+    "brace-less boxes before dollars": ("\\boxed $" * 50000, None),
+    "escaped braces in an open box": ("\\boxed{" + "\\{" * 100000, None),
+    "answer keyword then 100k blanks": ("Answer" + " " * 100000 + "x", None),
+    "answer of 60k dollar pairs": ("Answer: " + "$" * 60000 + "4" + "$" * 60000, "4"),
+    "100k answer lines": ("Answer: 1\n" * 100000 + "Answer: 2", "2"),
+}
+
+
+@pytest.mark.parametrize("text, expected", list(ADVERSARIAL.values()), ids=list(ADVERSARIAL))
+def test_adversarial_responses_are_linear(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_only_the_tail_is_read():
+    from delta_megatron.reward.extract import MAX_CHARS
+
+    early = "\\boxed{1}" + "x" * MAX_CHARS  # the box is before the last MAX_CHARS characters
+    assert extract_answer(early) is None
+    assert extract_answer(early + "\\boxed{2}") == "2"
+    assert extract_answer(early, max_chars=len(early)) == "1"

@@ -112,26 +112,35 @@ def _healthy_workers(body: str) -> int:
 
 def wait_healthy(url: str, *, timeout_s: float, process: ManagedProcess | None = None,
                  path: str = "/health", poll_s: float = 1.0, expect_workers: int | None = None,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, probe_timeout_s: float = 10.0) -> None:
     """Poll ``url + path`` until HTTP 200 (and, for a router, ``expect_workers`` healthy workers).
 
-    Fails early with the log tail when ``process`` exits; fails with the last error at the deadline.
+    Fails early with the log tail when ``process`` exits; fails with the last error at the deadline,
+    which bounds the whole wait: each probe gets at most ``probe_timeout_s`` and never more than the
+    time left (a frozen server cannot stretch it).
     """
     deadline = time.monotonic() + timeout_s
     stop = stop or threading.Event()
     last = "no answer yet"
+
+    def probe(target: str) -> tuple[int, str]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline reached")
+        return _get(target, timeout=min(probe_timeout_s, left))
+
     while time.monotonic() < deadline:
         if process is not None and not process.alive():
             raise RolloutError(f"{process.name} exited with code {process.proc.returncode} before "
                                f"{url} was healthy; last log lines:\n{process.tail()}")
         try:
-            status, body = _get(url + path, timeout=min(10.0, timeout_s))
+            status, body = probe(url + path)
             if status == 200 and expect_workers is None:
                 return
             if status == 200:
-                status, body = _get(url + "/workers", timeout=10.0)
+                status, body = probe(url + "/workers")
                 if status == 404:
-                    status, body = _get(url + "/list_workers", timeout=10.0)
+                    status, body = probe(url + "/list_workers")
                 count = _healthy_workers(body) if status == 200 else 0
                 if count >= expect_workers:
                     return
@@ -140,7 +149,7 @@ def wait_healthy(url: str, *, timeout_s: float, process: ManagedProcess | None =
                 last = f"HTTP {status}"
         except (OSError, http.client.HTTPException, ValueError) as err:
             last = repr(err)
-        if stop.wait(poll_s):
+        if stop.wait(min(poll_s, max(0.0, deadline - time.monotonic()))):
             break
     tail = f"; last log lines:\n{process.tail()}" if process is not None else ""
     raise RolloutError(f"{url}{path} not healthy after {timeout_s:g} s ({last}){tail}")

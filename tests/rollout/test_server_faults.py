@@ -186,3 +186,16 @@ def test_refused_connection_fails_after_backoff_only(retries):
     with pytest.raises(RequestFailed, match=rf"failed after {retries + 1} attempt\(s\).*ConnectionRefused"):
         client.post(f"http://127.0.0.1:{_free_port()}/generate", {})
     assert time.monotonic() - t0 <= client.backoff_total_s(retries) + SLACK
+
+
+def test_wait_healthy_on_a_hung_server_ends_at_its_deadline():
+    from delta_megatron.rollout.sglang_server import wait_healthy
+
+    with FakeSGLangServer(tiny_model(0), PAD, EOS, max_lifetime_s=60) as fake:
+        fake.hang_next("/health", 100)
+        t0 = time.monotonic()
+        with pytest.raises(RolloutError, match=rf"{fake.url}/health not healthy after 1.5 s \(TimeoutError"):
+            wait_healthy(fake.url, timeout_s=1.5, poll_s=0.2, probe_timeout_s=0.6)
+        elapsed = time.monotonic() - t0
+    assert 1.5 <= elapsed <= 1.5 + SLACK
+    assert len(fake.calls("/health")) >= 2  # it kept probing until the deadline

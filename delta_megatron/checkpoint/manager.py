@@ -6,7 +6,8 @@ A killed run therefore leaves either a complete ``step_N`` directory or an ignor
 never a half-written checkpoint that ``--resume auto`` would pick; a checkpoint whose bytes changed
 later (truncated, zeroed, bit rot) fails verification, and ``--resume auto`` falls back to the newest
 one that verifies. With several ranks, every rank writes its part into the temporary directory
-(megatron dist-ckpt shards), a barrier follows, and rank 0 alone hashes, renames and prunes.
+(megatron dist-ckpt shards), a barrier follows, every rank hashes a share of the files, and rank 0
+writes the manifest, renames and prunes.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ class CheckpointManager:
         _barrier()
         if _rank() == 0:
             fsync_tree(tmp)
-            write_manifest(tmp, model=model, step=step)  # last: a checkpoint without one is unfinished
+        write_manifest(tmp, model=model, step=step)  # last (every rank hashes a share, rank 0 writes):
+        if _rank() == 0:  # a checkpoint without a manifest is unfinished
             _fsync_dir(tmp)
             if final.exists():
                 shutil.rmtree(final)

@@ -57,6 +57,25 @@ def _digests(root: Path, files: list[Path]) -> list[str]:
         return list(pool.map(_sha256, files))
 
 
+def _shared_digests(root: Path, files: list[Path], sizes: list[int]) -> list[str]:
+    """:func:`_digests`, the files dealt out over every rank (largest first, round robin) and the
+    results all-gathered: a save's shards are read back by as many nodes as wrote them. Collective;
+    every rank must list the same files (one shared checkpoint directory, after a barrier). Nothing
+    may touch the files after it returns on a rank other than 0: rank 0 may already be renaming them."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return _digests(root, files)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    order = sorted(range(len(files)), key=lambda i: (-sizes[i], files[i].as_posix()))
+    mine = order[rank::world]
+    local = dict(zip(mine, _digests(root, [files[i] for i in mine])))
+    parts: list[dict[int, str]] = [{} for _ in range(world)]
+    dist.all_gather_object(parts, local)
+    merged = {i: h for part in parts for i, h in part.items()}
+    return [merged[i] for i in range(len(files))]
+
+
 def model_record(model: Any) -> dict[str, Any]:
     """The shape-fixing values of a ModelConfig (duck-typed: any object with those attributes)."""
     return {name: getattr(model, name) for name in SHAPE_FIELDS}
@@ -66,14 +85,20 @@ def write_manifest(root: str | Path, model: Any = None, **extra: Any) -> dict[st
     """Hash every file under ``root`` and write ``root/manifest.json`` atomically (tmp + fsync + rename).
 
     Call it after every file of the checkpoint is written and fsynced. ``model``: the run's ModelConfig,
-    recorded for :func:`check_model`; ``extra`` goes into the manifest as is (JSON values)."""
+    recorded for :func:`check_model`; ``extra`` goes into the manifest as is (JSON values). With
+    torch.distributed initialised it is collective: every rank hashes a share, rank 0 writes."""
+    import torch.distributed as dist
+
     root = Path(root)
     files = _files(root)
-    entries = {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": h}
-               for p, h in zip(files, _digests(root, files))}
+    sizes = [p.stat().st_size for p in files]
+    entries = {p.relative_to(root).as_posix(): {"size": n, "sha256": h}
+               for p, n, h in zip(files, sizes, _shared_digests(root, files, sizes))}
     data = {"format": _FORMAT, "files": entries, **extra}
     if model is not None:
         data["model"] = model_record(model)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return data
     tmp = root / (MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=1, sort_keys=True)

@@ -12,7 +12,10 @@ Start-up is cheap: workers are forked from a ``forkserver`` that has already imp
 the first pool pays the sympy import once and a replacement after a timeout costs a fork plus the
 score module's ``warmup()`` (run before the worker reports ready, so no sample's deadline pays for
 cold caches). The score function is named by ``"module:function"`` so the trainer process itself never
-imports sympy. Workers are reused across :meth:`VerifierPool.score` calls and shut down by
+imports sympy. At a deadline the verdict is recorded and the worker SIGKILLed at once, every expired
+worker in the same pass; reaping it and starting its replacement happen later (before the next
+dispatch that needs the slot), so under load a verdict is not late by the cost of process
+management (``bench/verifier_deadline.py`` measures the overshoot). Workers are reused across :meth:`VerifierPool.score` calls and shut down by
 :meth:`close`, the context manager, or at interpreter exit (``weakref.finalize``).
 """
 
@@ -135,20 +138,30 @@ class _Worker:
         self.ready = False
         self.task: int | None = None
         self.deadline = math.inf
+        self.retired = False  # killed; its slot gets a new worker when needed
 
-    def kill(self) -> None:
-        if self.proc.is_alive():
+    def kill(self, join_s: float = 5.0) -> None:
+        if self.proc.exitcode is None:
             self.proc.kill()
-        self.proc.join(timeout=5)
+        if join_s:
+            self.proc.join(timeout=join_s)
         self.conn.close()
+        self.retired, self.ready, self.task = True, False, None
 
 
-def _shutdown(workers: list[_Worker], owner_pid: int, grace_s: float = 1.0) -> None:
-    """Ask idle workers to exit, give them ``grace_s`` together, SIGKILL the rest (busy ones at once)."""
+def _shutdown(workers: list[_Worker], owner_pid: int, dying: list[_Worker] | None = None,
+              grace_s: float = 1.0) -> None:
+    """Ask idle workers to exit, give them ``grace_s`` together, SIGKILL the rest (busy ones at once);
+    reap the ones killed earlier."""
     if os.getpid() != owner_pid:  # a forked child inherited the pool object: the workers are not its own
         return
+    for w in dying or ():
+        try:
+            w.proc.join(timeout=grace_s)
+        except Exception:  # interpreter shutdown: best effort
+            pass
     for w in workers:
-        if w.task is None:
+        if w.task is None and not w.retired:
             try:
                 w.conn.send(None)
             except (OSError, ValueError):
@@ -190,7 +203,8 @@ class VerifierPool:
                 ["delta_megatron.reward._warm"] + ([module] if module != "__main__" else []))
         self.totals = VerifyStats()
         self._workers: list[_Worker] = []
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers, os.getpid())
+        self._dying: list[_Worker] = []  # SIGKILLed, not yet reaped
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers, os.getpid(), self._dying)
         for _ in range(num_workers):
             self._workers.append(self._spawn())
 
@@ -200,8 +214,20 @@ class VerifierPool:
     def _replace(self, i: int) -> None:
         if self.closed:  # close() (or interpreter exit) ran from another thread mid-score
             raise RuntimeError("VerifierPool was closed while scoring")
-        self._workers[i].kill()
+        if not self._workers[i].retired:
+            self._retire(self._workers[i])
         self._workers[i] = self._spawn()
+
+    def _retire(self, w: _Worker) -> None:
+        """SIGKILL now, reap later (waiting for the exit status costs ~0.1-0.3 s under load)."""
+        w.kill(join_s=0)
+        self._dying.append(w)
+
+    def _reap(self) -> None:
+        for w in list(self._dying):
+            w.proc.join(timeout=0)
+            if w.proc.exitcode is not None:
+                self._dying.remove(w)
 
     @property
     def closed(self) -> bool:
@@ -225,8 +251,9 @@ class VerifierPool:
             if not (isinstance(item, (tuple, list)) and len(item) == 2
                     and isinstance(item[0], str) and isinstance(item[1], str)):
                 raise TypeError(f"items[{i}]: {item!r:.120} — expected a (response_text, gold) pair of str")
+        self._reap()
         for i, w in enumerate(self._workers):
-            if w.task is not None:  # still busy for an earlier call that raised (e.g. Ctrl-C)
+            if w.task is not None or w.retired:  # busy for an earlier call that raised (Ctrl-C), or killed
                 self._replace(i)
         t0 = time.monotonic()
         stats = VerifyStats(total=len(items))
@@ -251,6 +278,10 @@ class VerifierPool:
                 stats.errors += 1
 
         while pending or any(w.task is not None for w in self._workers):
+            if pending:  # slots of workers killed in the last pass get new ones now that work waits
+                for i, w in enumerate(self._workers):
+                    if w.retired:
+                        self._replace(i)
             now = time.monotonic()
             for i, w in enumerate(self._workers):  # dispatch to idle, ready workers
                 if w.ready and w.task is None and pending:
@@ -262,7 +293,7 @@ class VerifierPool:
                         self._replace(i)
                         continue
                     w.task, w.deadline = idx, now + self.timeout_s
-            waiting = [w for w in self._workers if w.task is not None or not w.ready]
+            waiting = [w for w in self._workers if not w.retired and (w.task is not None or not w.ready)]
             deadlines = [w.deadline for w in waiting if w.task is not None]
             deadlines += [w.started + self.start_timeout_s for w in waiting if not w.ready]
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
@@ -270,7 +301,9 @@ class VerifierPool:
             if self.closed:
                 raise RuntimeError("VerifierPool was closed while scoring")
             now = time.monotonic()
-            for i, w in enumerate(list(self._workers)):
+            for w in list(self._workers):
+                if w.retired:
+                    continue
                 dead = False
                 try:
                     while w.conn.poll():
@@ -295,10 +328,10 @@ class VerifierPool:
                                 f"verifier workers keep dying at start-up (exit code "
                                 f"{w.proc.exitcode}); check that {_module_name(self.score_fn)} imports "
                                 "in a fresh process")
-                    self._replace(i)
+                    self._retire(w)
                 elif w.task is not None and now >= w.deadline:
                     record(w.task, 0.0, "timeout")
-                    self._replace(i)
+                    self._retire(w)
                 elif not w.ready and now >= w.started + self.start_timeout_s:
                     raise RuntimeError(f"a verifier worker did not start within {self.start_timeout_s} s")
         stats.seconds = time.monotonic() - t0

@@ -14,7 +14,7 @@ import pytest
 from delta_megatron.checkpoint import verify
 from delta_megatron.tracking import read_metrics
 
-STEPS = 3
+STEPS = 2
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,27 +36,27 @@ def test_resume_skips_zeroed_shard_and_repairs_torn_metrics(tmp_path):
     assert _run(out).returncode == 0
     ckpts = out / "checkpoints"
     before = _comparable(read_metrics(out / "metrics.jsonl"))
-    assert [r["step"] for r in before] == [0, 1, 2]
-    older = {s: json.loads((ckpts / f"step_{s:08d}" / "manifest.json").read_text()) for s in (1, 2)}
+    assert [r["step"] for r in before] == [0, 1]
+    older = {1: json.loads((ckpts / "step_00000001" / "manifest.json").read_text())}
 
-    shard = max((ckpts / "step_00000003" / "actor").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard = max((ckpts / "step_00000002" / "actor").glob("*.distcp"), key=lambda p: p.stat().st_size)
     with open(shard, "r+b") as fh:  # a lost page: same size, 4 KB of zeros
         fh.seek(shard.stat().st_size // 2)
         fh.write(b"\0" * 4096)
     with open(out / "metrics.jsonl", "a") as fh:
-        fh.write('{"step": 3, "rollout/rew')  # torn by a full disk
+        fh.write('{"step": 2, "rollout/rew')  # torn by a full disk
 
     resumed = _run(out, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"skipping step_00000003: {shard}: SHA-256 differs" in resumed.stderr
+    assert f"skipping step_00000002: {shard}: SHA-256 differs" in resumed.stderr
     after = _comparable(read_metrics(out / "metrics.jsonl"))
-    assert after == before  # step 2 redone from step 2's checkpoint: the same numbers, torn line gone
+    assert after == before  # step 1 redone from step 1's checkpoint: the same numbers, torn line gone
     assert (out / "metrics.jsonl").read_text().endswith("}\n")
     for s, manifest in older.items():  # nothing already saved was lost or changed
         assert verify(ckpts / f"step_{s:08d}") == manifest
-    verify(ckpts / "step_00000003")  # re-saved, good again
+    verify(ckpts / "step_00000002")  # re-saved, good again
 
-    other = _run(out, "--resume", "auto", "model.vocab_size=18")
+    other = _run(out, "model.vocab_size=18", "--resume", "auto")
     assert other.returncode != 0
     assert "saved for a different model shape — model.vocab_size: checkpoint 17, this run 18" in other.stderr
     assert _comparable(read_metrics(out / "metrics.jsonl")) == before  # the refused run wrote nothing

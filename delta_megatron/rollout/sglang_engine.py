@@ -119,15 +119,17 @@ class SGLangEngine:
         return cls(group.router_url, group.worker_urls, config=config, servers=group, **kwargs)
 
     # ------------------------------------------------------------------ workers (control plane)
-    def router_workers(self) -> list[str]:
-        """Worker URLs registered in the router (``GET /workers``; ``/list_workers`` before 0.2)."""
+    def router_workers(self, timeout: float | None = None, retries: int | None = None) -> list[str]:
+        """Worker URLs registered in the router (``GET /workers``; ``/list_workers`` before 0.2).
+        ``timeout``: per attempt, default the control timeout; ``retries``: default ``max_retries``."""
+        kw = {"timeout": timeout or self.control_timeout_s, "retries": retries}
         try:
-            listing = self.http.get(f"{self.router_url}/workers", timeout=self.control_timeout_s)
+            listing = self.http.get(f"{self.router_url}/workers", **kw)
             return [w["url"].rstrip("/") for w in listing["workers"]]
         except RequestFailed as err:
             if getattr(err, "status", None) != 404:
                 raise
-        listing = self.http.get(f"{self.router_url}/list_workers", timeout=self.control_timeout_s)
+        listing = self.http.get(f"{self.router_url}/list_workers", **kw)
         return [u.rstrip("/") for u in listing["urls"]]
 
     def worker_urls(self) -> list[str]:
@@ -202,7 +204,8 @@ class SGLangEngine:
         A probe that times out proves nothing (busy or frozen: the request deadlines handle those)."""
         urls = [self.router_url] if self.router_url else []
         try:
-            urls += list(self._given_workers) if self._given_workers else _probe(self.router_workers)
+            urls += list(self._given_workers) if self._given_workers else \
+                _probe(lambda: self.router_workers(timeout=self.health_interval_s, retries=0))
         except _Dead as err:
             return str(err)
         except RequestFailed:

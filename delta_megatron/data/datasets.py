@@ -146,7 +146,8 @@ def _float_answer(value: float, where: str) -> str:
     elif value.is_integer() and abs(value) >= _EXACT_FLOAT_INT:
         raise DatasetError(f"{where}: answer {float(value)!r} is an integer beyond 2**53 stored as a float, "
                            "so its last digits are lost; store it as a string or integer")
-    return str(int(value)) if value.is_integer() else repr(float(value))
+    shortest = repr(float(value))  # the decimal the float stands for: 1e23, not int(1e23) = 99999999999999991611392
+    return str(int(Decimal(shortest))) if value.is_integer() else shortest
 
 
 def _answer_text(value: Any, where: str) -> str:

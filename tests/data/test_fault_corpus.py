@@ -91,7 +91,7 @@ def test_malformed_file_names_file_and_row(tmp_path, fname, content, message):
 
 @pytest.mark.parametrize("raw,gold", [("0.1", "0.1"), ("3.0", "3"), ("2.5e-3", "0.0025"), ("-7", "-7"),
                                       ("12345678901234567890", "12345678901234567890"), ("1.50", "1.5"),
-                                      ('"NaN"', "NaN")])
+                                      ('"NaN"', "NaN"), ("1e23", "100000000000000000000000")])
 def test_numeric_answers_that_survive(tmp_path, raw, gold):
     path = tmp_path / "ok.jsonl"
     path.write_text('{"problem": "x", "answer": ' + raw + "}\n")

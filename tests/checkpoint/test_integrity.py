@@ -138,7 +138,7 @@ def test_prune_keeps_newest_finished_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("keep", [0, -1])
 def test_keep_below_one_is_rejected(tmp_path, keep):
-    with pytest.raises(ConfigError, match=rf"checkpoint.keep: {keep} — must be in \[1"):
+    with pytest.raises(ConfigError, match=rf"checkpoint.keep: {keep} — must be >= 1"):
         load_config(overrides=[f"checkpoint.keep={keep}"])
     with pytest.raises(ValueError, match="checkpoint.keep"):
         CheckpointManager(tmp_path, keep=keep)
@@ -146,7 +146,7 @@ def test_keep_below_one_is_rejected(tmp_path, keep):
 
 
 def test_every_below_zero_is_rejected():
-    with pytest.raises(ConfigError, match=r"checkpoint.every: -1 — must be in \[0"):
+    with pytest.raises(ConfigError, match=r"checkpoint.every: -1 — must be >= 0"):
         load_config(overrides=["checkpoint.every=-1"])
 
 

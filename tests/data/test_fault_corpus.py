@@ -175,7 +175,7 @@ def test_prompt_plus_response_must_fit_the_context(tmp_path, override, message):
 
 
 def test_max_prompt_len_must_be_positive():
-    with pytest.raises(ConfigError, match=r"rollout.max_prompt_len: 0 — must be in \[1"):
+    with pytest.raises(ConfigError, match=r"rollout.max_prompt_len: 0 — must be >= 1"):
         load_config(overrides=["rollout.max_prompt_len=0"])
     with pytest.raises(ConfigError, match=r"rollout.long_prompts: 'skip' — allowed: 'drop', 'fail'"):
         load_config(overrides=["rollout.long_prompts=skip"])

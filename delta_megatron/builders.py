@@ -24,7 +24,8 @@ def is_synthetic(cfg: Config) -> bool:
 
 def arithmetic_task(cfg: Config) -> ArithmeticTask:
     return ArithmeticTask(ArithmeticConfig(digits=cfg.data.synthetic_digits, variant=spec_variant(cfg.data.train),
-                                           size=cfg.data.synthetic_size, seed=cfg.data.shuffle_seed))
+                                           size=cfg.data.synthetic_size, seed=cfg.data.shuffle_seed,
+                                           scaffold_share=cfg.data.synthetic_scaffold_share))
 
 
 def build_tokenizer(cfg: Config, out_dir: Path | None = None):
@@ -34,11 +35,12 @@ def build_tokenizer(cfg: Config, out_dir: Path | None = None):
     from transformers import AutoTokenizer
 
     if is_synthetic(cfg) and cfg.data.tokenizer is None:
-        from delta_megatron.data.tokenizer import load_hf_tokenizer, save_char_tokenizer
+        from delta_megatron.data.tokenizer import build_char_tokenizer, load_hf_tokenizer, save_char_tokenizer
 
         path = Path(out_dir or Path(cfg.logging.dir)) / "tokenizer"
         if not (path / "tokenizer.json").exists():
-            save_char_tokenizer(path)
+            task = arithmetic_task(cfg)
+            save_char_tokenizer(path, build_char_tokenizer(task.vocab, words=task.words))
         tokenizer = load_hf_tokenizer(path)
     else:
         path = cfg.data.tokenizer or cfg.model.hf_path

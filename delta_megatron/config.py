@@ -17,6 +17,7 @@ from delta_megatron.algo.config import AlgoConfig
 from delta_megatron.checkpoint.config import CheckpointConfig
 from delta_megatron.credit.config import CreditConfig
 from delta_megatron.data.config import DataConfig
+from delta_megatron.data.synthetic import SCAFFOLD_VOCAB, spec_variant
 from delta_megatron.data.synthetic import VOCAB as SYNTHETIC_VOCAB
 from delta_megatron.eval.config import EvalConfig
 from delta_megatron.models.config import ModelConfig
@@ -78,11 +79,16 @@ class Config(Section):
             if self.rollout.max_prompt_len + new_tokens > context:
                 fail(field_path, new_tokens, f"rollout.max_prompt_len={self.rollout.max_prompt_len} + "
                      f"{field_path} must be <= model.max_position_embeddings={context}")
+        if self.data.synthetic_scaffold_share:  # the scaffolded scratchpad and its larger vocabulary
+            if not self.data.train.startswith("synthetic:") or spec_variant(self.data.train) != "scratchpad":
+                fail("data.synthetic_scaffold_share", self.data.synthetic_scaffold_share,
+                     f"a scaffold needs data.train=synthetic:arith-scratchpad (got {self.data.train!r}), or 0")
         delta = self.credit.delta
         if delta.proxy == "topk_hidden" and delta.topk_k > self.model.vocab_size:
             fail("credit.delta.topk_k", delta.topk_k, f"must be <= model.vocab_size={self.model.vocab_size}")
         if self.data.train.startswith("synthetic:") and self.data.tokenizer is None:
-            check_vocab(self.model.vocab_size, len(SYNTHETIC_VOCAB), "the synthetic task's tokenizer")
+            vocab = SCAFFOLD_VOCAB if self.data.synthetic_scaffold_share else SYNTHETIC_VOCAB
+            check_vocab(self.model.vocab_size, len(vocab), "the synthetic task's tokenizer")
 
     # ---------------------------------------------------------------- per-component views
     def actor_config(self) -> ActorConfig:

@@ -23,6 +23,7 @@ from delta_megatron.config import Config, dump_yaml, to_dict
 from delta_megatron.credit.base import CreditContext
 from delta_megatron.credit.counterfactual import tokenizer_decoder
 from delta_megatron.credit.pipeline import CreditPipeline
+from delta_megatron.credit.token_stats import token_credit_sums
 from delta_megatron.credit_contract import LossPlan
 from delta_megatron.data.sampler import PromptStream
 from delta_megatron.parallel import broadcast_object, get_groups
@@ -172,7 +173,8 @@ class Trainer:
 
     def record_samples(self, step: int, batch: RolloutBatch, count: int = 8) -> None:
         """Per-token credit of a few responses (``samples.jsonl``) for heat-maps and inspection; also
-        the λ̄ histogram of the whole batch. Rank 0 only; every ``logging.log_every`` steps."""
+        the λ̄ histogram of the whole batch and its per-token-id sums (``credit_tokens.jsonl``, token
+        clouds). Rank 0 only; every ``logging.log_every`` steps."""
         if not self.rank0 or step % self.cfg.logging.log_every:
             return
         weights = batch["credit_weight"] if "credit_weight" in batch else None
@@ -192,6 +194,10 @@ class Trainer:
             hist = torch.histc(weights[resp & (batch["advantage_tokens"] != 0)].float(), bins=40,
                                min=0.5, max=1.5)
             record["credit_hist"] = hist.tolist()
+            with open(self.out / "credit_tokens.jsonl", "a", encoding="utf-8") as fh:  # token clouds
+                sums = token_credit_sums(batch.tokens[resp], weights[resp], batch["advantage_tokens"][resp],
+                                         self.decode_tokens)
+                fh.write(json.dumps({"step": step, **sums}) + "\n")
         with open(self.out / "samples.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 

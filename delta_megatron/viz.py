@@ -1,6 +1,7 @@
-"""Pictures of a run: training curves (one or several runs overlaid), the λ̄ distribution, and an HTML
-heat-map of per-token credit over sample responses. Inputs are the files a run writes
-(``metrics.jsonl``, ``samples.jsonl``), so plots can be re-made for any finished run.
+"""Pictures of a run: training curves (one or several runs overlaid), the λ̄ distribution, an HTML
+heat-map of per-token credit over sample responses, and token clouds (mean λ̄ per token over the run).
+Inputs are the files a run writes (``metrics.jsonl``, ``samples.jsonl``, ``credit_tokens.jsonl``), so
+plots can be re-made for any finished run.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from delta_megatron.tracking import read_metrics
@@ -54,6 +56,24 @@ def plot_curves(runs: dict[str, str | Path], out_png: str | Path, eval_k: int = 
     return out
 
 
+HIST_EDGES = [0.5 + i * (1.0 / 40) for i in range(41)]  # the trainer's histc(bins=40, 0.5..1.5)
+
+
+def lambda_histograms(run_dir: str | Path) -> list[tuple[str, int, list[float], list[float]]]:
+    """The λ̄ histograms the distribution plot draws: (label, step, bin centres, fraction of tokens)
+    for the first, middle and last recorded step (``samples.jsonl``, tokens with A ≠ 0)."""
+    records = [r for r in _read_jsonl(Path(run_dir) / "samples.jsonl") if "credit_hist" in r]
+    if not records:
+        return []
+    centers = [(a + b) / 2 for a, b in zip(HIST_EDGES[:-1], HIST_EDGES[1:])]
+    out = []
+    for rec, label in ((records[0], "first step"), (records[len(records) // 2], "middle"),
+                       (records[-1], "last step")):
+        total = sum(rec["credit_hist"]) or 1.0
+        out.append((label, rec["step"], centers, [h / total for h in rec["credit_hist"]]))
+    return out
+
+
 def plot_lambda_distribution(run_dir: str | Path, out_png: str | Path) -> Path:
     """Histogram of λ̄ over non-zero-advantage tokens, early vs late in training."""
     import matplotlib
@@ -61,20 +81,16 @@ def plot_lambda_distribution(run_dir: str | Path, out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in _read_jsonl(Path(run_dir) / "samples.jsonl") if "credit_hist" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if records:
-        edges = [0.5 + i * (1.0 / 40) for i in range(41)]
-        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-        for rec, label in ((records[0], "first step"), (records[len(records) // 2], "middle"),
-                           (records[-1], "last step")):
-            total = sum(rec["credit_hist"]) or 1.0
-            ax.plot(centers, [h / total for h in rec["credit_hist"]], label=f"{label} ({rec['step']})")
+    hists = lambda_histograms(run_dir)
+    for label, step, centers, fractions in hists:
+        ax.plot(centers, fractions, label=f"{label} ({step})")
+    if hists:
         ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.legend()
     ax.set_xlabel("λ̄ (DelTA token weight, mean 1 over the batch)")
     ax.set_ylabel("fraction of tokens")
     ax.set_title("Distribution of DelTA λ̄ over tokens with A ≠ 0")
-    ax.legend()
     fig.tight_layout()
     out = Path(out_png)
     fig.savefig(out, dpi=110)
@@ -125,3 +141,93 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- token clouds
+@dataclass
+class TokenCredit:
+    """One token's credit over a run: mean weight on tokens with A ≠ 0 (both sides) and per side."""
+
+    token_id: int
+    text: str
+    count: int
+    mean: float
+    count_pos: int
+    mean_pos: float
+    count_neg: int
+    mean_neg: float
+
+
+def token_credit_table(run_dir: str | Path, min_count: int = 20) -> list[TokenCredit]:
+    """Every token seen with A ≠ 0 at least ``min_count`` times over the run (``credit_tokens.jsonl``),
+    with its mean credit weight, highest first. A step recorded twice (a resumed run redoes the
+    steps after its last checkpoint) counts once: the last record wins."""
+    by_step = {r["step"]: r for r in _read_jsonl(Path(run_dir) / "credit_tokens.jsonl")}
+    acc: dict[int, list] = {}  # id -> [text, Σpos, npos, Σneg, nneg]
+    for rec in by_step.values():
+        for tid, text, sums, counts in zip(rec["ids"], rec["text"], rec["sum"], rec["count"]):
+            a = acc.setdefault(tid, [text, 0.0, 0, 0.0, 0])
+            a[1] += sums[0]
+            a[2] += counts[0]
+            a[3] += sums[1]
+            a[4] += counts[1]
+    rows = []
+    for tid, (text, sp, np_, sn, nn) in acc.items():
+        n = np_ + nn
+        if n >= max(min_count, 1):
+            rows.append(TokenCredit(tid, text, n, (sp + sn) / n, np_, sp / np_ if np_ else float("nan"),
+                                    nn, sn / nn if nn else float("nan")))
+    return sorted(rows, key=lambda r: (-r.mean, r.token_id))
+
+
+def _shown(text: str) -> str:
+    """Whitespace made visible for labels and tables."""
+    return text.replace(" ", "␣").replace("\n", "⏎").replace("|", "\\|") or "∅"
+
+
+def write_token_clouds(run_dir: str | Path, out_dir: str | Path | None = None, top: int = 15,
+                       min_count: int = 20, label: str = "λ̄") -> tuple[Path, Path] | None:
+    """Token clouds as ranked bars: the ``top`` tokens with the highest and the lowest mean credit
+    weight over the run (``token_clouds.png``) and the same as a table with counts and per-side means
+    (``token_clouds.md``). None when the run recorded no per-token weights (no credit method)."""
+    rows = token_credit_table(run_dir, min_count)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir or run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = min(top, len(rows))
+    high, low = rows[:n], rows[::-1][:n]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * n + 1.6))
+    for ax, part, title, color in ((axes[0], high, f"highest mean {label}", "#c0392b"),
+                                   (axes[1], low, f"lowest mean {label}", "#2c6fbb")):
+        ax.barh(range(len(part)), [r.mean for r in part], color=color)
+        ax.set_yticks(range(len(part)), [f"{_shown(r.text)}  (n={r.count})" for r in part], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        lo, hi = min(r.mean for r in part), max(r.mean for r in part)
+        pad = max(0.02, 0.1 * (hi - lo))
+        ax.set_xlim(min(lo, 1.0) - pad, max(hi, 1.0) + pad)
+        ax.set_title(title)
+        ax.set_xlabel(f"mean {label} over the run (tokens with A ≠ 0)")
+    fig.suptitle(f"Token clouds: {Path(run_dir).name} (tokens seen ≥ {min_count} times)")
+    fig.tight_layout()
+    png = out_dir / "token_clouds.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    lines = [f"# Token clouds: {Path(run_dir).name}", "",
+             f"Mean {label} per token over every recorded step (tokens with advantage ≠ 0, seen at least "
+             f"{min_count} times; {len(rows)} such tokens).", ""]
+    for title, part in ((f"Highest mean {label}", high), (f"Lowest mean {label}", low)):
+        lines += [f"## {title}", "", f"| rank | token | mean {label} | count | mean on A>0 | n A>0 | mean on A<0 "
+                  "| n A<0 |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {i + 1} | `{_shown(r.text)}` | {r.mean:.4f} | {r.count} | {r.mean_pos:.4f} | {r.count_pos} "
+                  f"| {r.mean_neg:.4f} | {r.count_neg} |" for i, r in enumerate(part)]
+        lines.append("")
+    md = out_dir / "token_clouds.md"
+    md.write_text("\n".join(lines), encoding="utf-8")
+    return png, md

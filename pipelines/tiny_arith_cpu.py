@@ -4,7 +4,8 @@
    improvable reward (DEMO-SIZING.md: pass@1 ≈ 0.15–0.2 after ~300 steps);
 2. the warm-started weights are exported to HF safetensors (the same converter the weight sync uses);
 3. two RL runs from that checkpoint, identical except for token credit: DelTA and plain DAPO;
-4. pictures: curves of both runs, the λ̄ distribution and an HTML heat-map of λ̄ over sample responses.
+4. pictures: curves of both runs, the λ̄ distribution, an HTML heat-map of λ̄ over sample responses and
+   token clouds (the tokens with the highest / lowest mean λ̄ over the DelTA run).
 
 At this scale DelTA and DAPO are not distinguishable (DEMO-SIZING.md); the demo shows that DelTA runs,
 matches DAPO, and what it weights — not a win.
@@ -57,14 +58,15 @@ def sft_config(out: str, seed: int = 1) -> Config:
         "train.max_tokens_per_gpu_train=1024", f"logging.dir={out}/sft", "parallel.distributed_optimizer=false"])
 
 
-def run_sft(out: Path, steps: int, seed: int) -> Path:
-    """Train from scratch with token-mean NLL on 1..3-digit sums, export HF weights + tokenizer."""
+def run_sft(out: Path, steps: int, seed: int, cfg: Config | None = None) -> Path:
+    """Train from scratch with token-mean NLL on 1..3-digit sums, export HF weights + tokenizer
+    (``cfg``: another task/model's SFT config, e.g. the scaffolded scratchpad's)."""
     from delta_megatron.builders import arithmetic_task, build_actor, build_tokenizer
     from delta_megatron.cli_export import export_hf
     from delta_megatron.parallel import destroy, init_distributed
     from delta_megatron.trainer import sft_warmup
 
-    cfg = sft_config(str(out), seed)
+    cfg = cfg or sft_config(str(out), seed)
     groups = init_distributed(cfg.parallel, seed=seed)
     try:
         tokenizer, tok_dir = build_tokenizer(cfg, out)
@@ -84,7 +86,12 @@ def run_sft(out: Path, steps: int, seed: int) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from delta_megatron.tracking import quiet_third_party_warnings
     from delta_megatron.trainer import run
-    from delta_megatron.viz import lambda_heatmap_html, plot_curves, plot_lambda_distribution
+    from delta_megatron.viz import (
+        lambda_heatmap_html,
+        plot_curves,
+        plot_lambda_distribution,
+        write_token_clouds,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/demo")
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if "delta" in args.methods:
         plot_lambda_distribution(out / "delta", out / "lambda_distribution.png")
         lambda_heatmap_html(out / "delta", out / "lambda_heatmap.html")
+        write_token_clouds(out / "delta", out)  # token_clouds.png / .md: mean λ̄ per token over the run
     summary = summarize(runs, timings)
     (out / "summary.md").write_text(summary, encoding="utf-8")
     print(summary)
@@ -132,7 +140,8 @@ def summarize(runs: dict[str, Path], timings: dict[str, float]) -> str:
         lines.append(f"| {label} | {first:.3f} | {last:.3f} | {evals[-1] if evals else float('nan'):.3f} "
                      f"| {step_s:.2f} |")
     lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
-              "", "Pictures: curves.png, lambda_distribution.png, lambda_heatmap.html"]
+              "", "Pictures: curves.png, lambda_distribution.png, lambda_heatmap.html, token_clouds.png "
+              "(table: token_clouds.md)"]
     return "\n".join(lines) + "\n"
 
 

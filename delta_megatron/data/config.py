@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from delta_megatron.data.synthetic import spec_variant
+from delta_megatron.data.synthetic import MAX_SCAFFOLD_SHARE, spec_variant
 from delta_megatron.utils.configs import ConfigError, Section, fail, option
 
 
@@ -20,6 +20,9 @@ class DataConfig(Section):
     shuffle_seed: int = option(0, "seed of the prompt order (and of the synthetic task's data)", ge=0)
     synthetic_digits: int = option(3, "synthetic task: operand digits of RL/eval prompts", ge=1, le=30)
     synthetic_size: int = option(4096, "synthetic task: prompts in the training set", ge=1)
+    synthetic_scaffold_share: float = option(
+        0.0, "synthetic:arith-scratchpad: share of scaffold tokens per step (0 = compact pairs)",
+        ge=0.0, le=MAX_SCAFFOLD_SHARE)
     max_eval_rows: int | None = option(None, "first N rows of each eval set; null = all", ge=1)
 
     @property

@@ -10,6 +10,13 @@ number of digits; SFT pairs use operands of 1..``digits`` digits, RL and eval pr
 * ``scratchpad``: per-digit ``(sum digit, carry)`` pairs least significant first, then ``>`` and the
   sum (``123+989=21,11,11>1112``); the reward reads only the final answer.
 
+The scratchpad's ``scaffold_share`` knob (0 = the compact form above) grows it into a task where token
+credit matters: every digit step becomes a sentence like ``digit 2: 3 plus 9 is 12, write 2 carry 1;``
+whose *scaffold* tokens (words, punctuation, spaces, the step index: the same in right and wrong
+answers) make up about ``scaffold_share`` of the response, while the few operand-dependent tokens
+(the copied digits, the intermediate sum and its digit/carry) decide the answer. Scaffold words are
+single tokens of an extended vocabulary (:data:`SCAFFOLD_VOCAB`); see :meth:`ArithmeticTask.step_tokens`.
+
 ``Example.answer`` is always the true sum in ordinary notation; :meth:`ArithmeticTask.extract` turns a
 completion of any variant back into that notation. Everything is deterministic under ``seed``.
 """
@@ -21,16 +28,36 @@ from dataclasses import dataclass
 from typing import Literal
 
 from delta_megatron.data.types import Example, PromptDataset
-from delta_megatron.utils.configs import Section, option, validate
+from delta_megatron.utils.configs import Section, fail, option, validate
 
 __all__ = ["ArithmeticConfig", "ArithmeticTask", "synthetic_dataset", "spec_variant", "VOCAB", "PAD", "BOS", "EOS",
-           "SPECIAL_TOKENS", "CHARS"]
+           "SPECIAL_TOKENS", "CHARS", "SCAFFOLD_VOCAB", "SCAFFOLD_WORDS", "MAX_SCAFFOLD_SHARE"]
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 CHARS = "0123456789+=>,"
 VOCAB: tuple[str, ...] = (*SPECIAL_TOKENS, *CHARS)
 """Token strings in id order: PAD=0, BOS=1, EOS=2, digits 3..12, '+'=13, '='=14, '>'=15, ','=16."""
+SCAFFOLD_WORDS = ("digit", "plus", "is", "write", "carry")
+SCAFFOLD_VOCAB: tuple[str, ...] = (*VOCAB, ":", ";", " ", *SCAFFOLD_WORDS)
+"""The scaffolded scratchpad's vocabulary: :data:`VOCAB` (same ids) + ':' ';' ' ' and five word tokens."""
+
+# One digit step of the scaffolded scratchpad in reading order: ("s", token) is scaffold, ("c", slot)
+# is content — a (operand a's digit), b, s (the digit sum with carry-in, 1-2 tokens), w (sum digit),
+# c (carry); "i" (the 1-based step index) is scaffold too: it does not depend on the operands.
+_FRAME: tuple[tuple[str, str], ...] = (
+    ("s", "digit"), ("s", " "), ("s", "i"), ("s", ":"), ("s", " "), ("c", "a"), ("s", " "), ("s", "plus"),
+    ("s", " "), ("c", "b"), ("s", " "), ("s", "is"), ("s", " "), ("c", "s"), ("s", ","), ("s", " "),
+    ("s", "write"), ("s", " "), ("c", "w"), ("s", " "), ("s", "carry"), ("s", " "), ("c", "c"),
+    ("s", ";"), ("s", " "))
+_SCAFFOLD_SLOTS = [i for i, (kind, _) in enumerate(_FRAME) if kind == "s"]
+# which scaffold slots a step keeps as the share grows: the separator, words, index and punctuation,
+# then the spaces in reading order
+_SCAFFOLD_PRIORITY = [i for tok in (";", "is", "write", "carry", "plus", "digit", "i", ":", ",")
+                      for i in _SCAFFOLD_SLOTS if _FRAME[i][1] == tok] + \
+                     [i for i in _SCAFFOLD_SLOTS if _FRAME[i][1] == " "]
+_CONTENT_PER_STEP = 5.45  # a, b, w, c and the 1-2 digit sum (1.45 tokens on average for random digits)
+MAX_SCAFFOLD_SHARE = 0.75  # all 20 scaffold slots per step: ≈ 0.75 of the response
 
 Variant = Literal["plain", "reversed", "scratchpad"]
 _SPEC_VARIANTS: dict[str, Variant] = {"synthetic:arith": "plain", "synthetic:arith-plain": "plain",
@@ -46,7 +73,12 @@ class ArithmeticConfig(Section):
     variant: Variant = option("plain", "completion notation: plain, reversed or scratchpad")
     size: int = option(4096, "RL prompts in the training set", ge=1)
     seed: int = option(0, "seed of the generated prompts", ge=0)
+    scaffold_share: float = option(0.0, "scratchpad only: target share of scaffold tokens (0 = compact pairs)",
+                                   ge=0.0, le=MAX_SCAFFOLD_SHARE)
 
+    def validate(self) -> None:
+        if self.scaffold_share and self.variant != "scratchpad":
+            fail("scaffold_share", self.scaffold_share, "only the scratchpad variant has a scaffold (or 0)")
 
 
 class ArithmeticTask:
@@ -60,24 +92,72 @@ class ArithmeticTask:
     def source(self) -> str:
         return f"synthetic:arith-{self.cfg.variant}"
 
+    @property
+    def scaffolded(self) -> bool:
+        return self.cfg.scaffold_share > 0
+
+    @property
+    def vocab(self) -> tuple[str, ...]:
+        """Token strings in id order (the scaffolded scratchpad extends :data:`VOCAB`)."""
+        return SCAFFOLD_VOCAB if self.scaffolded else VOCAB
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """Multi-character tokens of the vocabulary (the tokenizer matches them whole)."""
+        return SCAFFOLD_WORDS if self.scaffolded else ()
+
+    @property
+    def scaffold_per_step(self) -> int:
+        """Scaffold tokens per digit step, chosen so that the expected scaffold share of a response
+        (steps + ``>`` + the answer's ``digits + ½`` digits, per step) is closest to ``scaffold_share``."""
+        share, d = self.cfg.scaffold_share, self.cfg.digits
+        if not share:
+            return 0
+        content, fixed = _CONTENT_PER_STEP + (d + 0.5) / d, 1.0 / d  # per step; '>' is scaffold
+        n = round(share / (1.0 - share) * content - fixed)
+        return max(1, min(n, len(_SCAFFOLD_PRIORITY)))
+
     @staticmethod
     def prompt(a: int, b: int) -> str:
         return f"{a}+{b}="
 
     def completion(self, a: int, b: int) -> str:
         """The target completion (without EOS) in this task's variant."""
+        return "".join(tok for tok, _ in self.completion_tokens(a, b))
+
+    def completion_tokens(self, a: int, b: int) -> list[tuple[str, bool]]:
+        """The target completion as (token, is_scaffold) pairs; tokens are the tokenizer's."""
         total = str(a + b)
         if self.cfg.variant == "plain":
-            return total
+            return [(ch, False) for ch in total]
         if self.cfg.variant == "reversed":
-            return total[::-1]
+            return [(ch, False) for ch in total[::-1]]
         da, db = str(a)[::-1], str(b)[::-1]
-        pairs, carry = [], 0
+        out: list[tuple[str, bool]] = []
+        carry = 0
         for i in range(max(len(da), len(db))):
-            s = int(da[i] if i < len(da) else 0) + int(db[i] if i < len(db) else 0) + carry
+            x, y = int(da[i] if i < len(da) else 0), int(db[i] if i < len(db) else 0)
+            s = x + y + carry
+            if self.scaffolded:
+                out += self.step_tokens(i + 1, x, y, s)
+            else:
+                out += ([(",", True)] if i else []) + [(str(s % 10), False), (str(s // 10), False)]
             carry = s // 10
-            pairs.append(f"{s % 10}{carry}")
-        return ",".join(pairs) + ">" + total
+        return out + [(">", True)] + [(ch, False) for ch in total]
+
+    def step_tokens(self, index: int, x: int, y: int, s: int) -> list[tuple[str, bool]]:
+        """One digit step of the scaffolded scratchpad: ``digit 2: 3 plus 9 is 12, write 2 carry 1;``
+        with the first :attr:`scaffold_per_step` scaffold slots of the priority order kept (the
+        separator, then words, index and punctuation, then spaces), content always."""
+        keep = set(_SCAFFOLD_PRIORITY[: self.scaffold_per_step])
+        content = {"a": str(x), "b": str(y), "s": str(s), "w": str(s % 10), "c": str(s // 10)}
+        out = []
+        for slot, (kind, tok) in enumerate(_FRAME):
+            if kind == "c":
+                out += [(ch, False) for ch in content[tok]]
+            elif slot in keep:
+                out += [(ch, True) for ch in str(index)] if tok == "i" else [(tok, True)]
+        return out
 
     def extract(self, completion: str) -> str | None:
         """The sum a completion claims, in ordinary notation; None if it is not well-formed.
@@ -151,5 +231,6 @@ def synthetic_dataset(spec: str, cfg: ArithmeticConfig | None = None) -> PromptD
     base, _, split = spec.partition("@")
     cfg = cfg or ArithmeticConfig()
     if base != "synthetic:arith":
-        cfg = ArithmeticConfig(digits=cfg.digits, variant=variant, size=cfg.size, seed=cfg.seed)
+        cfg = ArithmeticConfig(digits=cfg.digits, variant=variant, size=cfg.size, seed=cfg.seed,
+                               scaffold_share=cfg.scaffold_share)
     return ArithmeticTask(cfg).dataset(split="eval" if split == "eval" else "train")

@@ -15,6 +15,7 @@ ends each assistant turn with EOS: the vocabulary has no room for role markers.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,19 +31,24 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['conten
 
 
 def build_char_tokenizer(vocab: Sequence[str] = VOCAB, bos: str = BOS, eos: str = EOS,
-                         pad: str = PAD) -> Tokenizer:
+                         pad: str = PAD, words: Sequence[str] = ()) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` with one id per entry of ``vocab`` (in order); multi-character
-    entries must be special tokens (``bos``/``eos``/``pad``)."""
+    entries must be special tokens (``bos``/``eos``/``pad``) or listed in ``words`` (matched whole,
+    longest first, before single characters: the scaffolded scratchpad's ``digit``, ``carry``, ...)."""
     specials = [pad, bos, eos]
     for tok in vocab:
-        if len(tok) != 1 and tok not in specials:
-            raise ValueError(f"vocab entry {tok!r}: only single characters or the special tokens {specials}")
+        if len(tok) != 1 and tok not in specials and tok not in words:
+            raise ValueError(f"vocab entry {tok!r}: only single characters, the special tokens {specials} "
+                             f"or declared words {list(words)}")
+    if any(w not in vocab for w in words):
+        raise ValueError(f"words {list(words)} must all be in the vocab")
     if len(set(vocab)) != len(vocab) or any(s not in vocab for s in specials):
         raise ValueError(f"vocab must be unique and contain {specials}: {list(vocab)}")
     ids = {tok: i for i, tok in enumerate(vocab)}
     # unk_token is deliberately absent from the vocabulary: encoding an unknown character raises.
     tok = Tokenizer(models.WordLevel(vocab=ids, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    whole = "".join(f"{re.escape(w)}|" for w in sorted(words, key=len, reverse=True))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(whole + "."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(specials)
     tok.post_processor = processors.TemplateProcessing(

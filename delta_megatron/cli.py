@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("launchers.launch", "submit a recipe to Slurm (or run it locally) through NeMo-Run"),
     "config": ("delta_megatron.cli_config", "show, explain or diff resolved run configs"),
     "doctor": ("delta_megatron.cli_doctor", "check this node has what a run needs (ok / warn / fail + fix)"),
+    "study": ("delta_megatron.cli_study", "seeded method comparison (local pool or Slurm) and its statistics"),
 }
 
 EXAMPLES = [
@@ -29,6 +30,7 @@ EXAMPLES = [
     "delta-megatron doctor qwen3-8b-delta --nodes 2",
     "delta-megatron plan qwen3-14b-delta --nodes 2 --cluster b200",
     "delta-megatron launch qwen3-8b-delta --executor slurm --cluster b200 --nodes 2 --dry-run",
+    "delta-megatron study --recipe pipelines.scaffold_arith_cpu:config --methods dapo,delta --seeds 8",
     "delta-megatron export runs/demo/delta runs/demo/delta/hf",
     "delta-megatron eval --config runs/demo/delta/config.yaml --model runs/demo/delta/hf eval.k=4",
 ]

@@ -138,9 +138,16 @@ def _color(w: float, spread: float = 0.25) -> str:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a jsonl file; a torn line (a run killed mid-write) is skipped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 # ----------------------------------------------------------------------------- token clouds
@@ -158,13 +165,15 @@ class TokenCredit:
     mean_neg: float
 
 
-def token_credit_table(run_dir: str | Path, min_count: int = 20) -> list[TokenCredit]:
-    """Every token seen with A ≠ 0 at least ``min_count`` times over the run (``credit_tokens.jsonl``),
-    with its mean credit weight, highest first. A step recorded twice (a resumed run redoes the
-    steps after its last checkpoint) counts once: the last record wins."""
-    by_step = {r["step"]: r for r in _read_jsonl(Path(run_dir) / "credit_tokens.jsonl")}
+def token_credit_table(run_dir: str | Path | Sequence[str | Path], min_count: int = 20) -> list[TokenCredit]:
+    """Every token seen with A ≠ 0 at least ``min_count`` times over the run (``credit_tokens.jsonl``;
+    several runs, e.g. the seeds of a study, add up), with its mean credit weight, highest first. A
+    step recorded twice (a resumed run redoes the steps after its last checkpoint) counts once: the
+    last record wins."""
+    dirs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
+    records = [rec for d in dirs for rec in {r["step"]: r for r in _read_jsonl(Path(d) / "credit_tokens.jsonl")}.values()]
     acc: dict[int, list] = {}  # id -> [text, Σpos, npos, Σneg, nneg]
-    for rec in by_step.values():
+    for rec in records:
         for tid, text, sums, counts in zip(rec["ids"], rec["text"], rec["sum"], rec["count"]):
             a = acc.setdefault(tid, [text, 0.0, 0, 0.0, 0])
             a[1] += sums[0]
@@ -185,20 +194,24 @@ def _shown(text: str) -> str:
     return text.replace(" ", "␣").replace("\n", "⏎").replace("|", "\\|") or "∅"
 
 
-def write_token_clouds(run_dir: str | Path, out_dir: str | Path | None = None, top: int = 15,
-                       min_count: int = 20, label: str = "λ̄") -> tuple[Path, Path] | None:
+def write_token_clouds(run_dir: str | Path | Sequence[str | Path], out_dir: str | Path | None = None,
+                       top: int = 15, min_count: int = 20, label: str = "λ̄", name: str = "token_clouds",
+                       title: str | None = None) -> tuple[Path, Path] | None:
     """Token clouds as ranked bars: the ``top`` tokens with the highest and the lowest mean credit
     weight over the run (``token_clouds.png``) and the same as a table with counts and per-side means
-    (``token_clouds.md``). None when the run recorded no per-token weights (no credit method)."""
+    (``token_clouds.md``). Several run directories (a study's seeds) pool their tokens; ``out_dir``
+    defaults to the (first) run's. None when no per-token weights were recorded (no credit method)."""
     rows = token_credit_table(run_dir, min_count)
     if not rows:
         return None
+    first = Path(run_dir if isinstance(run_dir, (str, Path)) else run_dir[0])
+    title = title or first.name
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = Path(out_dir or run_dir)
+    out_dir = Path(out_dir or first)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = min(top, len(rows))
     high, low = rows[:n], rows[::-1][:n]
@@ -214,12 +227,12 @@ def write_token_clouds(run_dir: str | Path, out_dir: str | Path | None = None, t
         ax.set_xlim(min(lo, 1.0) - pad, max(hi, 1.0) + pad)
         ax.set_title(title)
         ax.set_xlabel(f"mean {label} over the run (tokens with A ≠ 0)")
-    fig.suptitle(f"Token clouds: {Path(run_dir).name} (tokens seen ≥ {min_count} times)")
+    fig.suptitle(f"Token clouds: {title} (tokens seen ≥ {min_count} times)")
     fig.tight_layout()
-    png = out_dir / "token_clouds.png"
+    png = out_dir / f"{name}.png"
     fig.savefig(png, dpi=110)
     plt.close(fig)
-    lines = [f"# Token clouds: {Path(run_dir).name}", "",
+    lines = [f"# Token clouds: {title}", "",
              f"Mean {label} per token over every recorded step (tokens with advantage ≠ 0, seen at least "
              f"{min_count} times; {len(rows)} such tokens).", ""]
     for title, part in ((f"Highest mean {label}", high), (f"Lowest mean {label}", low)):
@@ -228,6 +241,6 @@ def write_token_clouds(run_dir: str | Path, out_dir: str | Path | None = None, t
         lines += [f"| {i + 1} | `{_shown(r.text)}` | {r.mean:.4f} | {r.count} | {r.mean_pos:.4f} | {r.count_pos} "
                   f"| {r.mean_neg:.4f} | {r.count_neg} |" for i, r in enumerate(part)]
         lines.append("")
-    md = out_dir / "token_clouds.md"
+    md = out_dir / f"{name}.md"
     md.write_text("\n".join(lines), encoding="utf-8")
     return png, md

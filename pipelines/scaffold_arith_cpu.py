@@ -54,7 +54,7 @@ def config(out: str = "runs/scaffold", method: str = "delta", steps: int = 40, s
         f"data.shuffle_seed={seed}", f"rollout.n_samples={samples}", f"rollout.max_new_tokens={budget}",
         "rollout.temperature=1.0", f"train.steps={steps}", f"train.prompts_per_step={prompts}",
         "train.mini_batches=2", "train.lr=5e-4", "train.warmup_steps=5", "train.grad_clip=1.0",
-        f"train.seed={seed}", "train.max_tokens_per_gpu_logprob=2048", "train.max_tokens_per_gpu_train=2048",
+        f"train.seed={seed}", "train.max_tokens_per_gpu_logprob=512", "train.max_tokens_per_gpu_train=512",
         "algo.loss.name=ppo", "algo.loss.clip_low=0.2", "algo.loss.clip_high=0.28",
         f"credit.methods=[{method}]" if method != "dapo" else "credit.methods=[]",
         "reward.kind=exact_match", "eval.every=10", "eval.k=4", "eval.top_p=1.0",
@@ -75,7 +75,7 @@ def sft_config(cfg: Config, out: str | Path, seed: int = 1) -> Config:
     """Supervised warm-up of ``cfg``'s model on ``cfg``'s task (token-mean NLL, one epoch-free stream)."""
     return load_config(base=Config(model=cfg.model, data=cfg.data), overrides=[
         "train.lr=2e-3", "train.warmup_steps=1", "train.steps=1", "train.mini_batches=1",
-        "train.prompts_per_step=128", f"train.seed={seed}", "train.max_tokens_per_gpu_train=4096",
+        "train.prompts_per_step=128", f"train.seed={seed}", "train.max_tokens_per_gpu_train=512",
         f"logging.dir={out}/sft", "parallel.distributed_optimizer=false"])
 
 
@@ -112,18 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--digits", type=int, default=DIGITS)
     parser.add_argument("--share", type=float, default=SHARE, help="scaffold share of the response")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--methods", default="delta,dapo")
     args = parser.parse_args(argv)
     quiet_third_party_warnings()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = config(str(out), "dapo", args.rl_steps, args.seed, args.digits, args.share)
+    shape = dict(digits=args.digits, share=args.share, hidden=args.hidden, layers=args.layers)
+    base = config(str(out), "dapo", args.rl_steps, args.seed, **shape)
     t0 = time.perf_counter()
     warm = warm_start(base, out, args.sft_steps, args.seed)
     timings, runs = {"sft_s": time.perf_counter() - t0}, {}
     for method in args.methods.split(","):
         t0 = time.perf_counter()
-        cfg = config(str(out), method, args.rl_steps, args.seed, args.digits, args.share)
+        cfg = config(str(out), method, args.rl_steps, args.seed, **shape)
         run(load_config(base=cfg, overrides=warm))
         timings[f"rl_{method}_s"] = time.perf_counter() - t0
         runs[method] = out / method

@@ -25,7 +25,7 @@ LAYERS = [
     (3, ["delta_megatron.config", "delta_megatron.builders", "delta_megatron.trainer",
          "delta_megatron.planner_model"]),
     (4, ["delta_megatron.cli", "delta_megatron.cli_eval", "delta_megatron.cli_export", "delta_megatron.cli_config",
-         "delta_megatron.cli_doctor", "delta_megatron.train",
+         "delta_megatron.cli_doctor", "delta_megatron.cli_study", "delta_megatron.study", "delta_megatron.train",
          "delta_megatron.planner", "delta_megatron.viz", "pipelines", "launchers"]),
 ]
 

@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:15s} {preset.help}")
         print("a+b            combination, e.g. delta+lowprob (at most one loss other than PPO)")
         return 0
+    from delta_megatron.tracking import quiet_third_party_warnings
+
+    quiet_third_party_warnings()  # the warm start trains in this process
     try:
         return _study(args)
     except ConfigError as err:
@@ -182,7 +185,16 @@ def _warm_start(args: argparse.Namespace, base, out: Path) -> list[str]:
     except (ImportError, AttributeError) as err:
         raise ConfigError("warm_start", args.warm_start, f"cannot load it: {err}") from None
     print(f"warm start: {args.warm_start} -> {out / 'warm_start'}", file=sys.stderr)
-    overrides = list(fn(base, out / "warm_start"))
+    import torch
+
+    # one thread, as the runs: on a shared 2-core machine two OpenMP threads made an SFT step ~10×
+    # slower than one (docs/study.md)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        overrides = list(fn(base, out / "warm_start"))
+    finally:
+        torch.set_num_threads(threads)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(overrides), encoding="utf-8")
     return overrides

@@ -216,7 +216,7 @@ def write_token_clouds(run_dir: str | Path | Sequence[str | Path], out_dir: str 
     n = min(top, len(rows))
     high, low = rows[:n], rows[::-1][:n]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * n + 1.6))
-    for ax, part, title, color in ((axes[0], high, f"highest mean {label}", "#c0392b"),
+    for ax, part, panel, color in ((axes[0], high, f"highest mean {label}", "#c0392b"),
                                    (axes[1], low, f"lowest mean {label}", "#2c6fbb")):
         ax.barh(range(len(part)), [r.mean for r in part], color=color)
         ax.set_yticks(range(len(part)), [f"{_shown(r.text)}  (n={r.count})" for r in part], fontsize=8)
@@ -225,7 +225,7 @@ def write_token_clouds(run_dir: str | Path | Sequence[str | Path], out_dir: str 
         lo, hi = min(r.mean for r in part), max(r.mean for r in part)
         pad = max(0.02, 0.1 * (hi - lo))
         ax.set_xlim(min(lo, 1.0) - pad, max(hi, 1.0) + pad)
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.set_xlabel(f"mean {label} over the run (tokens with A ≠ 0)")
     fig.suptitle(f"Token clouds: {title} (tokens seen ≥ {min_count} times)")
     fig.tight_layout()
@@ -235,8 +235,8 @@ def write_token_clouds(run_dir: str | Path | Sequence[str | Path], out_dir: str 
     lines = [f"# Token clouds: {title}", "",
              f"Mean {label} per token over every recorded step (tokens with advantage ≠ 0, seen at least "
              f"{min_count} times; {len(rows)} such tokens).", ""]
-    for title, part in ((f"Highest mean {label}", high), (f"Lowest mean {label}", low)):
-        lines += [f"## {title}", "", f"| rank | token | mean {label} | count | mean on A>0 | n A>0 | mean on A<0 "
+    for heading, part in ((f"Highest mean {label}", high), (f"Lowest mean {label}", low)):
+        lines += [f"## {heading}", "", f"| rank | token | mean {label} | count | mean on A>0 | n A>0 | mean on A<0 "
                   "| n A<0 |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {i + 1} | `{_shown(r.text)}` | {r.mean:.4f} | {r.count} | {r.mean_pos:.4f} | {r.count_pos} "
                   f"| {r.mean_neg:.4f} | {r.count_neg} |" for i, r in enumerate(part)]

@@ -98,6 +98,7 @@ def test_token_clouds_files(run_dir, tmp_path):
     png, md = write_token_clouds(run_dir, tmp_path / "out", top=2, min_count=1)
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
     text = md.read_text(encoding="utf-8")
+    assert text.startswith(f"# Token clouds: {run_dir.name}\n")
     high = text.split("## Lowest")[0]
     low = text.split("## Lowest")[1]
     assert "| 1 | `2` | 1.1500 | 4 | 1.2333 | 3 | 0.9000 | 1 |" in high

@@ -116,8 +116,10 @@ def seed_overrides(seed: int, keys: list[str]) -> list[str]:
 def run_config(base: Config, method: str, seed: int, seed_keys: list[str], run_dir: str,
                extra: list[str] = ()) -> Config:
     """The config of one run: the recipe's, then the method preset, the seed, the study's extra
-    overrides (warm start), and where the run writes; resumable from its last checkpoint."""
-    cfg = apply_overrides(base, method_overrides(method) + seed_overrides(seed, seed_keys) + list(extra) + [
+    overrides (warm start), and where the run writes; resumable from its last checkpoint (a recipe
+    that saves only at the end gets a checkpoint every fifth of the run)."""
+    every = [] if base.checkpoint.every else [f"checkpoint.every={max(1, math.ceil(base.train.steps / 5))}"]
+    cfg = apply_overrides(base, method_overrides(method) + seed_overrides(seed, seed_keys) + list(extra) + every + [
         f"logging.dir={run_dir}", "checkpoint.resume=auto", "logging.progress=false"])
     validate(cfg)
     return cfg

@@ -81,6 +81,7 @@ class MethodSummary:
 @dataclass
 class StudyResult:
     manifest: StudyManifest
+    baseline: str
     k: int | None
     threshold: float
     results: list[RunResult]
@@ -153,7 +154,7 @@ def analyse(manifest: StudyManifest, baseline: str | None = None, tail: int = 5)
         family = [m for m in methods if metric.key in m.versus]
         for m, p in zip(family, holm([m.versus[metric.key].p_value for m in family])):
             m.versus[metric.key].p_holm = p
-    return StudyResult(manifest, k, threshold, results, excluded, methods)
+    return StudyResult(manifest, baseline, k, threshold, results, excluded, methods)
 
 
 def _finite_or_inf(values: list[float]) -> list[float]:
@@ -196,7 +197,7 @@ def _fmt_p(p: float) -> str:
 
 def _markdown(r: StudyResult, clouds: dict[str, Path], tail: int, title: str) -> str:
     m = r.manifest
-    base = next((s.method for s in r.methods if not s.versus), m.baseline)
+    base = r.baseline
     k = f"avg@{r.k}" if r.k else "avg@k"
     lines = [f"# Credit-method study: {title}", "",
              f"- recipe `{m.recipe}`" + (f", warm start `{m.warm_start}`" if m.warm_start else "")
@@ -254,7 +255,7 @@ def _write_csv(path: Path, r: StudyResult) -> None:
             for mt in METRICS:
                 iv, c = s.summary[mt.key], s.versus.get(mt.key)
                 w.writerow([mt.key, s.method, s.n, "median" if mt.median else "mean", iv.value, iv.low, iv.high,
-                            r.manifest.baseline if c else "", c.p_value if c else "", c.p_holm if c else "",
+                            r.baseline if c else "", c.p_value if c else "", c.p_holm if c else "",
                             c.effect_a if c else "", s.reached if mt.key == "steps_to_baseline" else ""])
 
 

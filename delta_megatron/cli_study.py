@@ -22,12 +22,34 @@ from pathlib import Path
 
 from delta_megatron.study.plan import RunSpec, StudyManifest, run_config, run_state
 from delta_megatron.study.presets import PRESETS, parse_methods
+from delta_megatron.utils.commands import command_parser
 from delta_megatron.utils.configs import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="delta-megatron study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(
+        "delta-megatron study",
+        """\
+        Run every (method, seed) pair of one recipe, each in its own directory, then compare the methods
+        with a baseline (see `delta-megatron study report --help`). Methods are presets (--list-methods:
+        dapo, dapo-ft, sapo, gspo, fipo, delta, ktae, lowprob, counterfactual) or '+' combinations such
+        as delta+lowprob; the seed sets --seed-keys. Locally the runs go through a pool of --jobs
+        processes (default one per core, one thread each) with a live progress table; with --executor
+        slurm they are one NeMo-Run experiment of one Slurm job per run. Running the same command again
+        skips finished runs and resumes the others from their last checkpoint (Ctrl-C asks the running
+        ones to checkpoint first); a failed run is reported and does not stop the others.""",
+        """\
+        a recipe (--recipe: name, module:function or YAML) and dotted overrides for every run; an
+        optional warm start run once before the runs (--warm-start module:function, local only)""",
+        """\
+        DIR/study.json (the manifest), DIR/runs/<method>/seed_<n>/ (run.yaml, train.log, status.json,
+        metrics, checkpoints), and at the end of a local study the report (study.md, study.csv,
+        runs.csv, curves.png, seeds.png, token clouds); Slurm: the sbatch scripts with --dry-run""",
+        ["delta-megatron study --recipe pipelines.scaffold_arith_cpu:config "
+         "--warm-start pipelines.scaffold_arith_cpu:warm_start --methods dapo,delta,dapo-ft --seeds 8 "
+         "--out runs/study-cpu train.steps=80",
+         "delta-megatron study --recipe qwen3-8b-delta --methods dapo,delta --seeds 8 --executor slurm "
+         "--cluster b200 --out runs/study-8b --dry-run"])
     p.add_argument("--recipe", help="the run every method starts from: recipe name, module:function or YAML "
                                     "(e.g. pipelines.scaffold_arith_cpu:config, qwen3-8b-delta)")
     p.add_argument("--methods", default="dapo,delta", help="comma-separated presets or '+' combinations "
@@ -55,10 +77,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _report_parser() -> argparse.ArgumentParser:
-    from delta_megatron.study import report
+    return _add_report_args(command_parser(
+        "delta-megatron study report",
+        """\
+        Per method, over the seeds that finished: final held-out avg@k, area under the held-out curve
+        (the mean accuracy over training), final train reward (mean of the last --tail steps), and the
+        steps to reach the baseline's final accuracy (median; never = did not get there), each with
+        a 95 % bootstrap CI; against the baseline a one-sided Mann–Whitney U p-value (H1: the method
+        is better), Holm-adjusted over the methods, and Vargha–Delaney A (the probability that a run
+        of the method beats a run of the baseline). Statistics by scipy.""",
+        """\
+        a study directory (DIR/study.json and the runs it lists; runs still going or failed are listed
+        and left out)""",
+        """\
+        DIR/study.md (tables, run times, pictures), DIR/study.csv (per method and metric),
+        DIR/runs.csv (per run), DIR/curves.png (mean over seeds with 95 % bands), DIR/seeds.png (every
+        seed), token clouds of DelTA methods (DIR/token_clouds/, and in each DelTA run's directory)""",
+        ["delta-megatron study report runs/study-cpu --baseline dapo"]))
 
-    p = argparse.ArgumentParser(prog="delta-megatron study report", description=report.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _add_report_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("dir", help="the study directory (holds study.json)")
     p.add_argument("--baseline", default=None, help="compare against this method (default: the study's)")
     p.add_argument("--tail", type=int, default=5, help="final train reward = mean of the last N steps (default 5)")

@@ -57,7 +57,7 @@ class Trainer:
         self.start_step = self._maybe_resume()
         self.log = MetricsLogger(self.out, cfg.logging.jsonl, cfg.logging.tensorboard,
                                  cfg.logging.wandb_project, config=to_dict(cfg), resume_step=self.start_step,
-                                 companions=("samples.jsonl",))
+                                 companions=("samples.jsonl", "credit_tokens.jsonl"))
         self.preemption = Preemption().install()
         self.preempted = False
         self.rollout_stats: dict[str, float] = {}  # dynamic-sampling counters of the last rollout

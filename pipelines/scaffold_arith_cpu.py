@@ -56,7 +56,7 @@ def config(out: str = "runs/scaffold", method: str = "delta", steps: int = 40, s
     return load_config(overrides=model(hidden, layers) + task_overrides(digits, share) + [
         f"data.shuffle_seed={seed}", f"rollout.n_samples={samples}", f"rollout.max_new_tokens={budget}",
         "rollout.temperature=1.0", f"train.steps={steps}", f"train.prompts_per_step={prompts}",
-        "train.mini_batches=2", "train.lr=5e-4", "train.warmup_steps=5", "train.grad_clip=1.0",
+        "train.mini_batches=2", "train.lr=5e-4", f"train.warmup_steps={min(5, steps)}", "train.grad_clip=1.0",
         f"train.seed={seed}", "train.max_tokens_per_gpu_logprob=512", "train.max_tokens_per_gpu_train=512",
         "algo.loss.name=ppo", "algo.loss.clip_low=0.2", "algo.loss.clip_high=0.28",
         f"credit.methods=[{method}]" if method != "dapo" else "credit.methods=[]",

@@ -22,8 +22,8 @@ from pathlib import Path
 from delta_megatron.config import Config, load_config
 from delta_megatron.data.synthetic import SCAFFOLD_VOCAB, ArithmeticConfig, ArithmeticTask
 
-# The CPU study's task and model (docs/study.md): 2-digit operands, ~60 % scaffold (responses of ~34
-# tokens, ~13 of them decisive); 2 layers × 64 wide learns it to ~0.2-0.3 held-out accuracy in a
+# The CPU study's task and model (docs/study.md): 2-digit operands, ~60 % scaffold (responses of ~35
+# tokens, ~15 of them operand-dependent); 2 layers × 64 wide learns it to ~0.2-0.3 held-out accuracy in a
 # 300-step SFT, so RL starts partly solved.
 DIGITS, SHARE, HIDDEN, LAYERS = 2, 0.6, 64, 2
 

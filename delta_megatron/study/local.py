@@ -245,9 +245,11 @@ class Progress:
                 self._reported |= set(snap["failed"])
                 self._last_line = line
             return
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=line, title_justify="left", show_edge=False)
+        table = Table(show_edge=False)
         table.add_column("running")
         table.add_column("step", justify="right")
         table.add_column("time", justify="right")
@@ -255,4 +257,4 @@ class Progress:
             table.add_row(spec.name, f"{step}/{spec.steps}", fmt_seconds(seconds))
         for name in snap["failed"]:
             table.add_row(f"[red]failed: {name}[/red]", "", "")
-        self.live.update(table)
+        self.live.update(Group(Text(line, style="bold"), table))

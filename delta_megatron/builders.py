@@ -93,6 +93,22 @@ def build_reward(cfg: Config):
     return _build(cfg.reward, cfg.data.train, extract_fn=extract)
 
 
+def engine_on_own_nodes(cfg: Config) -> bool:
+    """SGLang servers the launcher started on nodes of their own (a heterogeneous job)."""
+    return cfg.rollout.engine == "sglang" and bool(os.environ.get("DELTA_MEGATRON_SGLANG_ROUTER"))
+
+
+def build_ledger(cfg: Config, gpus: int):
+    """The memory ledger of this run (memory_ledger.py): this device's size sets SGLang's pool."""
+    import torch
+
+    from delta_megatron.memory_ledger import memory_ledger
+
+    hbm = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
+        if torch.cuda.is_available() else 0.0
+    return memory_ledger(cfg, gpus=gpus, hbm_bytes=hbm, rollout_nodes=int(engine_on_own_nodes(cfg)))
+
+
 def build_engine(cfg: Config, tokenizer: Any):
     """The rollout engine of ``rollout.engine`` (embedded: an HF model of the same architecture)."""
     from delta_megatron.rollout import make_engine

@@ -20,6 +20,7 @@ from delta_megatron.data.config import DataConfig
 from delta_megatron.data.synthetic import SCAFFOLD_VOCAB, spec_variant
 from delta_megatron.data.synthetic import VOCAB as SYNTHETIC_VOCAB
 from delta_megatron.eval.config import EvalConfig
+from delta_megatron.lifecycle import MemoryConfig
 from delta_megatron.models.config import ModelConfig
 from delta_megatron.parallel import ParallelConfig
 from delta_megatron.reward.config import RewardConfig
@@ -40,7 +41,7 @@ from delta_megatron.utils.configs import (
 
 __all__ = [
     "Config", "ModelConfig", "ParallelConfig", "RolloutConfig", "SGLangConfig", "DataConfig",
-    "TrainConfig", "CheckpointConfig", "LoggingConfig", "EvalConfig", "ConfigError", "load_config",
+    "TrainConfig", "CheckpointConfig", "LoggingConfig", "EvalConfig", "MemoryConfig", "ConfigError", "load_config",
     "to_dict", "dump_yaml", "apply_overrides", "from_dict", "recipe_config", "load_run_config", "check_vocab",
 ]
 
@@ -60,6 +61,8 @@ class Config(Section):
     checkpoint: CheckpointConfig = option(doc="checkpoints and resume", default_factory=CheckpointConfig)
     logging: LoggingConfig = option(doc="run directory and metrics sinks", default_factory=LoggingConfig)
     eval: EvalConfig = option(doc="periodic evaluation", default_factory=EvalConfig)
+    memory: MemoryConfig = option(doc="how the actor and a colocated rollout engine share the GPUs",
+                                  default_factory=MemoryConfig)
 
     def validate(self) -> None:
         """Cross-section rules (each section validates itself first)."""
@@ -83,6 +86,16 @@ class Config(Section):
             if not self.data.train.startswith("synthetic:") or spec_variant(self.data.train) != "scratchpad":
                 fail("data.synthetic_scaffold_share", self.data.synthetic_scaffold_share,
                      f"a scaffold needs data.train=synthetic:arith-scratchpad (got {self.data.train!r}), or 0")
+        tr = self.train
+        if tr.recompute_granularity == "full":  # megatron recomputes within one model chunk
+            chunk = self.model.num_layers // (self.parallel.pp * (self.parallel.vpp or 1))
+            if tr.recompute_method == "uniform" and chunk % tr.recompute_num_layers:
+                fail("train.recompute_num_layers", tr.recompute_num_layers,
+                     f"uniform recompute needs a divisor of the {chunk} layers per model chunk "
+                     "(num_layers / (pp * vpp))")
+            if tr.recompute_method == "block" and tr.recompute_num_layers > chunk:
+                fail("train.recompute_num_layers", tr.recompute_num_layers,
+                     f"block recompute: at most the {chunk} layers per model chunk")
         delta = self.credit.delta
         if delta.proxy == "topk_hidden" and delta.topk_k > self.model.vocab_size:
             fail("credit.delta.topk_k", delta.topk_k, f"must be <= model.vocab_size={self.model.vocab_size}")

@@ -40,6 +40,8 @@ class ParallelConfig(Section):
     fp8: Literal["none", "delayed", "current", "mxfp8"] = option("none", "FP8 recipe (TE layer spec)")
     backend: Literal["auto", "nccl", "gloo"] = option("auto", "torch.distributed backend; auto: nccl with "
                                                       "CUDA, else gloo")
+    timeout_minutes: float = option(30.0, "collective timeout: ranks wait this long in a collective, e.g. "
+                                          "for rank 0's rollout or evaluation (the planner checks it)", gt=0)
 
     def validate(self) -> None:
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
@@ -126,11 +128,12 @@ def _backend(cfg: ParallelConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> Groups:
+def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_minutes: float | None = None) -> Groups:
     """Initialise the default process group (if needed), megatron's model-parallel groups and RNGs.
 
     Applies the CPU shim when CUDA is absent. ``seed`` feeds ``model_parallel_cuda_manual_seed``
     (data-parallel seed = seed, TP seed = seed + 2718 + tp_rank) and the CPU generator.
+    ``timeout_minutes`` (default ``cfg.timeout_minutes``) bounds every collective's wait.
     """
     global _GROUPS, _OWNS_PROCESS_GROUP
     from megatron.core import parallel_state as ps
@@ -143,6 +146,7 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_minutes: int
     cpu_shim.apply()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout_minutes = cfg.timeout_minutes if timeout_minutes is None else timeout_minutes
     if not dist.is_initialized():
         timeout = timedelta(minutes=timeout_minutes)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -160,7 +164,7 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_minutes: int
         pipeline_model_parallel_size=cfg.pp,
         virtual_pipeline_model_parallel_size=cfg.vpp,
         context_parallel_size=cfg.cp,
-        distributed_timeout_minutes=timeout_minutes,
+        distributed_timeout_minutes=max(1, round(timeout_minutes)),
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

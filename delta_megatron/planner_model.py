@@ -81,8 +81,9 @@ def model_state_bytes(params: int, dp_cp: int, *, grad_bytes: int = FP32, distri
                       weight_bytes: int = BF16, fp8_weight_bytes: int = 0) -> dict[str, float]:
     """Weights, main gradients and Adam state (fp32 master + m + v = 12 B/param) for ``params``.
     The distributed optimizer shards the 12 B over the data-parallel(+CP) group, Megatron's
-    ``6 + 12/d`` bytes/param for bf16 weights with fp32 grads."""
-    opt = 12 * params / (dp_cp if distributed else 1)
+    ``6 + 12/d`` bytes/param for bf16 weights with fp32 grads. fp32 weights are their own master
+    copy: 8 B/param of Adam state."""
+    opt = (8 + (FP32 if weight_bytes < FP32 else 0)) * params / (dp_cp if distributed else 1)
     return {"weights": weight_bytes * params + fp8_weight_bytes * params,
             "grads": grad_bytes * params, "optimizer": opt}
 
@@ -102,19 +103,36 @@ def layer_activation_bytes_per_token(m: Dims, tp: int, sp: bool) -> float:
     return BF16 * elems + FP32 * m.heads / tp
 
 
+def selective_savings_per_token(m: Dims, tp: int, modules: tuple[str, ...]) -> float:
+    """Bytes per token and layer that selective recompute does not keep: ``mlp`` drops the SwiGLU
+    gate/up outputs and their product (3·f/t); ``core_attn`` only flash attention's fp32 log-sum-exp
+    (flash already recomputes the scores, so it saves almost nothing)."""
+    saved = BF16 * 3 * m.ffn / tp if "mlp" in modules else 0.0
+    return saved + (FP32 * m.heads / tp if "core_attn" in modules else 0.0)
+
+
 def train_activation_bytes(m: Dims, tokens: int, tp: int, pp: int, sp: bool, recompute: str,
-                           in_flight: int, vpp: int | None = None) -> float:
+                           in_flight: int, vpp: int | None = None, *, method: str = "uniform",
+                           num_layers: int = 1, modules: tuple[str, ...] = ()) -> float:
     """Activations of the largest stage for ``tokens`` per micro-batch on this GPU.
 
-    ``none``: every layer keeps its activations; ``full``: each layer keeps only its input
-    (2·d/[t if SP]) and one layer's activations exist at a time during its recomputation. 1F1B keeps
-    ``in_flight`` (≤ p) micro-batches alive on the first stage; interleaving adds (p−1)/(p·v)
-    (Korthikanti et al. 2022, §4.2)."""
+    ``none``: every layer keeps its activations. ``full`` (megatron-core's methods): ``uniform``
+    keeps the input (2·d/[t if SP]) of each group of ``num_layers`` layers and one group's
+    activations during its recomputation; ``block`` recomputes the first ``num_layers`` layers of
+    the stage (their inputs kept) and keeps everything of the rest. ``selective``: every layer keeps
+    its activations less :func:`selective_savings_per_token`. 1F1B keeps ``in_flight`` (≤ p)
+    micro-batches alive on the first stage; interleaving adds (p−1)/(p·v) (Korthikanti et al.
+    2022, §4.2)."""
     per_layer = layer_activation_bytes_per_token(m, tp, sp) * tokens
     layers = m.layers // pp
-    if recompute == "full":
-        kept = BF16 * m.d / (tp if sp else 1) * tokens * layers
-        stage = kept * in_flight + per_layer
+    kept = BF16 * m.d / (tp if sp else 1) * tokens  # one layer input
+    if recompute == "full" and method == "uniform":
+        stage = kept * ceil_div(layers, num_layers) * in_flight + per_layer * num_layers
+    elif recompute == "full":  # block
+        n = min(num_layers, layers)
+        stage = (kept * n + per_layer * (layers - n)) * in_flight + per_layer * (1 if n else 0)
+    elif recompute == "selective":
+        stage = (per_layer - selective_savings_per_token(m, tp, modules) * tokens) * layers * in_flight
     else:
         stage = per_layer * layers * in_flight
     if vpp and pp > 1:
@@ -151,9 +169,12 @@ def forward_flops(m: Dims, tokens: int, seq_len: int) -> float:
     return 2 * flops_params(m) * tokens + attention_flops_fwd(m, seq_len) * tokens / seq_len
 
 
-def train_flops(m: Dims, tokens: int, seq_len: int, recompute: str) -> float:
-    """Forward + backward = 3× forward (6·N·tokens + attention); full recompute adds a forward."""
-    return forward_flops(m, tokens, seq_len) * (4 if recompute == "full" else 3)
+def train_flops(m: Dims, tokens: int, seq_len: int, recompute: str, recomputed_frac: float = 1.0) -> float:
+    """Forward + backward = 3× forward (6·N·tokens + attention); recompute adds the forward of what
+    it recomputes, ``recomputed_frac`` of the forward (full uniform: 1; block: n/L; selective: the
+    MLPs' share)."""
+    extra = recomputed_frac if recompute in ("full", "selective") else 0.0
+    return forward_flops(m, tokens, seq_len) * (3 + extra)
 
 
 def decode_step_seconds(weight_bytes: float, kv_read_bytes: float, flops: float, hbm_bps: float,

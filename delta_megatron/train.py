@@ -3,7 +3,8 @@
     delta-megatron train --recipe pipelines.tiny_arith_cpu:config credit.methods=[delta]
     torchrun --nproc-per-node 2 -m delta_megatron.train --config run.yaml --resume auto parallel.tp=2
 
-Exit code 75 means "preempted after saving a checkpoint: requeue me" (see utils/preemption.py).
+Exit code 75 (and the launcher's requeue marker) means "stopped after saving a checkpoint: requeue me"
+(see utils/preemption.py).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def parse(argv: list[str]) -> Config:
 def main(argv: list[str] | None = None) -> int:
     from delta_megatron.tracking import quiet_third_party_warnings
     from delta_megatron.trainer import run
-    from delta_megatron.utils.preemption import REQUEUE_EXIT_CODE
+    from delta_megatron.utils.preemption import REQUEUE_EXIT_CODE, mark_requeue
 
     quiet_third_party_warnings()
     try:
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     _, preempted = run(cfg)
+    if preempted:  # saved at a stage boundary (signal or the job's end time): requeue me
+        mark_requeue()
     return REQUEUE_EXIT_CODE if preempted else 0
 
 

@@ -1,12 +1,16 @@
 """The RLVR loop: rollout → reward → advantages → old-log-prob pass (capture) → token credit →
 PPO updates → weight sync → log / eval / save. ``Trainer.fit`` reads like the algorithm; every verb is
-one call down (this file, ``builders.py``, the actor, the credit pipeline).
+one call down (this file, ``builders.py``, the actor, the credit pipeline). Between the rollout, the
+training and the weight sync the lifecycle (``lifecycle.py``) moves memory between a colocated engine
+and the actor.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from delta_megatron.algo.dynamic_sampling import collect_informative_groups
 from delta_megatron.algo.overlong import overlong_penalty
 from delta_megatron.batch import RolloutBatch
 from delta_megatron.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
+from delta_megatron.checkpoint.schedule import SaveSchedule
 from delta_megatron.config import Config, dump_yaml, to_dict
 from delta_megatron.credit.base import CreditContext
 from delta_megatron.credit.counterfactual import tokenizer_decoder
@@ -26,12 +31,45 @@ from delta_megatron.credit.pipeline import CreditPipeline
 from delta_megatron.credit.token_stats import token_credit_sums
 from delta_megatron.credit_contract import LossPlan
 from delta_megatron.data.sampler import PromptStream
+from delta_megatron.lifecycle import Lifecycle
+from delta_megatron.memory_ledger import LIFECYCLE_PHASE
 from delta_megatron.parallel import broadcast_object, get_groups
 from delta_megatron.rollout.engine import SamplingParams
 from delta_megatron.rollout.requests import requests_for, samples_to_batch, step_seed, text_generator
 from delta_megatron.rollout.weight_sync import sync_actor_weights
 from delta_megatron.tracking import MetricsLogger, progress
+from delta_megatron.utils.job_clock import job_end_time
 from delta_megatron.utils.preemption import Preemption
+
+
+class RunStopped(Exception):
+    """A stage boundary saved a checkpoint and the run stops (exit 75: requeue and resume)."""
+
+
+@dataclass
+class Work:
+    """A step's prepared batch on its way through the PPO updates: what a stop inside the train
+    phase saves (``done`` optimizer steps taken, ``totals`` their summed stats)."""
+
+    batch: RolloutBatch
+    plan: LossPlan
+    metrics: dict[str, float]
+    t0: float
+    done: int = 0
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        p = self.plan
+        plan = {"advantage_field": p.advantage_field, "weight_field": p.weight_field,
+                "mask_field": p.mask_field, "objective": p.objective}  # the selector is rebuilt
+        return {"batch": self.batch, "plan": plan, "metrics": self.metrics, "done": self.done,
+                "totals": self.totals}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Any], credit: CreditPipeline) -> Work:
+        selector = credit.selectors[0] if credit.selectors else None
+        return cls(sd["batch"], LossPlan(**sd["plan"], selector=selector), sd["metrics"],
+                   time.perf_counter(), sd["done"], sd["totals"])
 
 
 class Trainer:
@@ -60,43 +98,106 @@ class Trainer:
                                  companions=("samples.jsonl", "credit_tokens.jsonl"))
         self.preemption = Preemption().install()
         self.preempted = False
+        self.schedule = SaveSchedule(cfg.checkpoint, job_end_time() if self.rank0 else None, cfg.train.steps)
         self.rollout_stats: dict[str, float] = {}  # dynamic-sampling counters of the last rollout
+        self.ledger = builders.build_ledger(cfg, self.groups.world_size)  # the planner's memory model
+        self.memory_peaks: dict[str, float] = {}  # CUDA peak of each phase, the last time through
+        self._phase_left = "start"
+        self.lifecycle = Lifecycle(cfg.memory, self.actor, self.engine, on_enter=self.log_memory)
         self.sync_weights()  # the engine starts from the actor's weights
+        self.lifecycle.enter("rollout")
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, float]]:
         history = []
+        self.schedule.mark("start")
         with progress(f"RL {self.out.name}", self.cfg.train.steps - self.start_step,
                       self.cfg.logging.progress) as bar:
             for step in range(self.start_step, self.cfg.train.steps):
-                history.append(self.step(step))
+                try:
+                    history.append(self.step(step))
+                except RunStopped:  # a stage boundary inside the step saved: requeue
+                    self.preempted = True
+                    break
                 bar.advance(summary=_summary(step, history[-1]))
-                if self.preemption.should_stop():  # collective: every rank stops at the same step
+                stop, due = self.boundary("step", save_after=step)
+                if stop or due:
                     self.save(step)
+                if stop:
                     self.preempted = True
                     break
         self.close()
         return history
 
     def step(self, step: int) -> dict[str, float]:
-        """One RLVR step; returns the logged metrics."""
+        """One RLVR step; returns the logged metrics. A run resumed from a checkpoint taken inside the
+        train phase finishes that step's updates instead of preparing a new batch."""
+        work = self.resumed_work.pop(step, None) or self.prepare(step)
+        return self.update(step, work)
+
+    def prepare(self, step: int) -> Work:
+        """Rollout; then, in the train phase, rewards, advantages, old log-probs and token credit."""
         t0 = time.perf_counter()
+        redo = self.trainer_state(step)  # a stop right after the rollout redoes this step
         batch = self.rollout(step)
+        self.stop_point("rollout", step, lambda: redo)
+        self.lifecycle.enter("train")  # the engine frees its weights and KV cache, the actor's state returns
         batch = self.score(batch)
         batch = self.advantages(batch)
         delta_metrics = self.actor.old_logprobs(batch, capture=self.credit.capture(self.cfg.logging.entropy))
         if self.cfg.algo.kl.estimator != "none":
             self.actor.ref_logprobs(batch)  # logp_ref for the KL loss
         plan, credit_metrics = self.credit.assign(batch, score_fn=self.actor.score_sequences)
-        train_metrics = self.actor.train(batch, plan)
+        return Work(batch, plan, {**self.rollout_stats, **delta_metrics, **credit_metrics}, t0)
+
+    def update(self, step: int, work: Work) -> dict[str, float]:
+        """PPO updates, weight sync, metrics and evaluation."""
+        if self.lifecycle.phase != "train":  # resumed inside the train phase
+            self.lifecycle.enter("train")
+        train_metrics = self.actor.train(work.batch, work.plan, start=work.done, totals=work.totals,
+                                         after_step=partial(self.after_optimizer_step, step, work))
+        self.lifecycle.enter("sync")  # the actor's optimizer state leaves, the engine's weights return
         self.sync_weights()
-        metrics = {**self.batch_metrics(batch), **self.rollout_stats, **delta_metrics, **credit_metrics, **train_metrics,
-                   "time/step_s": time.perf_counter() - t0}
-        metrics.update(self.maybe_eval(step))
+        self.lifecycle.enter("rollout")  # then the engine's KV cache
+        stop, _ = self.boundary("sync")
+        metrics = {**self.batch_metrics(work.batch), **work.metrics, **train_metrics, **self.memory_peaks,
+                   "time/step_s": time.perf_counter() - work.t0}
+        if not stop:  # a stop here skips this step's evaluation
+            metrics.update(self.maybe_eval(step))
         logged = self.log.log(step, metrics)
-        self.record_samples(step, batch)
-        self.maybe_save(step)
+        self.record_samples(step, work.batch)
+        if stop:
+            self.stop(step, "sync", self.trainer_state(step + 1))
         return logged
+
+    def after_optimizer_step(self, step: int, work: Work, done: int, totals: dict[str, float]) -> None:
+        """Boundary after each optimizer step: a stop saves the batch and the updates done so far."""
+        work.done, work.totals = done, dict(totals)
+        self.stop_point("optimizer step", step, lambda: self.trainer_state(step, work))
+
+    # ------------------------------------------------------------------ stage boundaries
+    def boundary(self, stage: str, save_after: int | None = None) -> tuple[bool, bool]:
+        """``stage`` just ended. (stop, periodic save due), agreed by every rank: stop on a signal
+        (any rank) or when rank 0 sees the job's end too near for another stage and a save."""
+        seconds = self.schedule.mark(stage)
+        near = self.rank0 and self.schedule.deadline_near()
+        due = self.rank0 and save_after is not None and self.schedule.periodic_due(save_after)
+        stop, near, due = self.preemption.decide(near, due)
+        if near and not self.preemption.requested:
+            self.preemption.request("deadline")
+        self.note("boundary", stage=stage, seconds=seconds, time_left=self.schedule.time_left(), stop=stop)
+        return stop or near, due
+
+    def stop_point(self, stage: str, step: int, state: Callable[[], dict]) -> None:
+        """A boundary inside a step: on a stop, save ``state()`` (where to resume) and leave the step."""
+        if self.boundary(stage)[0]:
+            self.stop(step, stage, state())
+
+    def stop(self, step: int, stage: str, state: dict) -> None:
+        path = self.save(step, state)
+        self.note("stop", step=step, stage=stage, reason=self.preemption.received,
+                  signal_at=self.preemption.received_at, saved=path.name, resume_step=state["step"])
+        raise RunStopped(stage)
 
     # ------------------------------------------------------------------ stages
     def rollout(self, step: int) -> RolloutBatch:
@@ -222,23 +323,33 @@ class Trainer:
             (self.out / "eval" / f"step_{step + 1:06d}.md").write_text(results.to_markdown())
         return metrics
 
-    def maybe_save(self, step: int) -> None:
-        every = self.cfg.checkpoint.every
-        if every and (step + 1) % every == 0 or step + 1 == self.cfg.train.steps:
-            self.save(step)
+    def save(self, step: int, state: dict | None = None) -> Path:
+        """Checkpoint the actor and ``state`` (default: resume at ``step + 1``); collective."""
+        state = state or self.trainer_state(step + 1)
 
-    def save(self, step: int) -> Path:
         def write(path: Path) -> None:
             self.actor.save_checkpoint(path / "actor")
             if self.rank0:
-                torch.save({"step": step + 1, "prompts": self.prompts.state_dict(), "rng": rng_state(),
-                            "credit": self.credit.state_dict()}, path / "trainer.pt")
+                torch.save(state, path / "trainer.pt")
 
-        return self.ckpt.save(step + 1, write, model=self.cfg.model)
+        t0 = time.perf_counter()
+        with self.lifecycle.checkpoint():  # the actor's weights and optimizer state on the device
+            path = self.ckpt.save(state["step"], write, model=self.cfg.model)
+        self.schedule.saved(time.perf_counter() - t0)
+        self.note("save", step=step, resume_step=state["step"], seconds=time.perf_counter() - t0)
+        return path
+
+    def trainer_state(self, resume_step: int, work: Work | None = None) -> dict[str, Any]:
+        """What a checkpoint holds besides the actor: where to resume, the data cursor, RNG, credit
+        state — and, for a stop inside the train phase, the step's batch and progress."""
+        return {"step": resume_step, "prompts": self.prompts.state_dict(), "rng": rng_state(),
+                "credit": self.credit.state_dict(), "work": work.state_dict() if work else None}
 
     def _maybe_resume(self) -> int:
         """Restore the newest checkpoint that verifies (``auto``) or the one named; a checkpoint of
-        another model shape or with changed bytes is refused naming the field or file."""
+        another model shape or with changed bytes is refused naming the field or file. A checkpoint
+        taken inside the train phase also brings back that step's work (``resumed_work``)."""
+        self.resumed_work: dict[int, Work] = {}
         path = resolve_resume(self.cfg.checkpoint.resume, self.ckpt.root, model=self.cfg.model)
         if path is None:
             return 0
@@ -247,7 +358,31 @@ class Trainer:
         self.prompts.load_state_dict(state["prompts"])
         self.credit.load_state_dict(state["credit"])
         set_rng_state(state["rng"])
+        if state.get("work") is not None:
+            self.resumed_work[int(state["step"])] = Work.from_state_dict(state["work"], self.credit)
         return int(state["step"])
+
+    def log_memory(self, phase: str) -> None:
+        """On entering a lifecycle phase: the ledger's entries for it (what the planner modelled) next
+        to what is measured — the actor's and engine's resident bytes, and on CUDA the peak of the
+        phase just left (also a metric, ``memory/<phase>_peak_gib``)."""
+        measured = {k: float(v) for k, v in self.actor.resident_bytes().items()}
+        if self.engine is not None and hasattr(self.engine, "resident_bytes"):
+            measured |= {f"engine {k}": float(v) for k, v in self.engine.resident_bytes().items()}
+        if torch.cuda.is_available():
+            self.memory_peaks[f"memory/{self._phase_left}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            measured["cuda allocated"] = float(torch.cuda.memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        self._phase_left = phase
+        entries = {p: parts for p, parts in self.ledger.phases.items() if LIFECYCLE_PHASE[p] == phase}
+        self.note("phase", phase=phase, ledger=entries, measured=measured,
+                  released=sorted(getattr(self.engine, "released", ())), offloaded=sorted(self.actor.offloaded))
+
+    def note(self, event: str, **fields: Any) -> None:
+        """One line of ``timeline.jsonl`` (rank 0): stage boundaries, phases, saves, stops."""
+        if self.rank0:
+            with open(self.out / "timeline.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
 
     def close(self) -> None:
         self.preemption.uninstall()

@@ -30,7 +30,7 @@ import yaml
 
 from delta_megatron.planner import Hardware, profile_path
 from delta_megatron.utils.configs import Section, fail, from_dict, option, validate
-from launchers.requeue import batch_setup_lines, parse_signal, torchrun_env
+from launchers.requeue import REQUEUE_MARKER_ENV, batch_setup_lines, parse_signal, torchrun_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,16 +124,19 @@ def local_executor(nproc_per_node: int, env: dict[str, str] | None = None) -> ru
 
 def slurm_executor(profile: ClusterProfile, nodes: int, *, name: str = "delta-megatron",
                    env: dict[str, str] | None = None, job_dir: str = "",
-                   dry_run: bool = False) -> run.SlurmExecutor:
+                   dry_run: bool = False, requeue_marker: str | None = None) -> run.SlurmExecutor:
     """A multi-node torchrun job for the actor (and colocated SGLang). ``job_dir=""`` keeps
-    NeMo-Run's own experiment directory (a custom one broke sbatch, PLATFORM.md)."""
+    NeMo-Run's own experiment directory (a custom one broke sbatch, PLATFORM.md). ``requeue_marker``:
+    the file a stopped trainer writes to be requeued (the same path in the job; see requeue.py)."""
     s = profile.slurm
     env_vars = dict(s.env)
-    setup = None
+    sig = None
     if s.signal:
         _, sig, lead = parse_signal(s.signal)
         env_vars |= torchrun_env(lead)
-        setup = batch_setup_lines(sig)
+    setup = batch_setup_lines(sig, marker=requeue_marker)  # the trainer also stops by itself (deadline)
+    if requeue_marker:
+        env_vars[REQUEUE_MARKER_ENV] = requeue_marker
     if s.container_image is None:
         env_vars |= bare_metal_env()
     env_vars |= env or {}

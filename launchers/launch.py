@@ -23,9 +23,18 @@ from pathlib import Path
 import nemo_run as run
 
 from delta_megatron.config import Config, dump_yaml
-from delta_megatron.planner import PlanOptions, call_recipe, load_recipe, plan, recipe_function
+from delta_megatron.planner import (
+    Plan,
+    PlanOptions,
+    call_recipe,
+    load_recipe,
+    plan,
+    recipe_function,
+    time_problems,
+)
 from delta_megatron.utils.commands import command_parser
 from delta_megatron.utils.configs import ConfigError, apply_overrides, validate
+from delta_megatron.utils.job_clock import parse_time_left
 from launchers.executors import (
     ClusterProfile,
     load_profile,
@@ -35,6 +44,7 @@ from launchers.executors import (
     rollout_executor,
     slurm_executor,
 )
+from launchers.requeue import REQUEUE_MARKER_ENV, parse_signal
 from launchers.sweeps import parse_grid, scale_points
 
 RUNDIR = "/nemo_run"  # NeMo-Run mounts the job dir here in a container (or substitutes the path)
@@ -151,10 +161,14 @@ def launch(runs: dict[str, Config], *, executor: str, profile: ClusterProfile, n
                                     doctor=(profile.name, n) if doctor else None)
                 exp.add(task, executor=local_executor(profile.ranks_per_node), name=name)
                 continue
-            actor = slurm_executor(profile, n, name=f"{title}/{name}", dry_run=dry_run)
             job_dir = str(Path(exp._exp_dir) / name)
+            actor = slurm_executor(profile, n, name=f"{title}/{name}", dry_run=dry_run,
+                                   requeue_marker=f"{job_dir}/requeue")
+            if profile.slurm.container_image is not None:  # the job dir is mounted at RUNDIR
+                actor.env_vars[REQUEUE_MARKER_ENV] = f"{RUNDIR}/requeue"
             run_cfg = _prepare_config(cfg, _run_dir(profile, title, name, job_dir))
-            if rollout_nodes:
+            if rollout_nodes:  # SGLang has GPUs of its own: nothing to release or offload
+                run_cfg = apply_overrides(run_cfg, ["memory.colocate=false"])
                 # one launcher would apply to both components: torchrun moves into the script
                 actor.launcher, actor.torchrun_nproc_per_node = None, None
                 actor.monitor_group_job_wait_time = 10  # the batch shell's trap waits on this sleep
@@ -241,6 +255,18 @@ def resolve_runs(recipe: str, overrides: list[str], nodes: int) -> dict[str, Con
     return runs
 
 
+def slurm_time_problems(result: Plan, profile: ClusterProfile) -> list[str]:
+    """The profile's time limit and signal lead against the plan's stage, step and save times."""
+    lead = parse_signal(profile.slurm.signal)[2] if profile.slurm.signal else None
+    return time_problems(result, parse_time_left(profile.slurm.time), lead, profile.hardware.startup_s)
+
+
+def apply_planned_choices(cfg: Config, result: Plan) -> Config:
+    """The job runs what the planner modelled: its resolution of ``auto`` settings (e.g. the DelTA
+    cache's device) and its save-time estimate (the trainer's deadline margin)."""
+    return apply_overrides(cfg, [f"{key}={value}" for key, value in result.choices.items()])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
@@ -253,9 +279,12 @@ def main(argv: list[str] | None = None) -> int:
             for name, cfg in runs.items():
                 result = plan(cfg, profile.hardware, PlanOptions(nodes=args.nodes,
                                                                  rollout_nodes=args.rollout_nodes))
-                if not result.fits:
+                problems = result.problems + slurm_time_problems(result, profile)
+                if problems:
                     print(f"{name}: {result.format()}", file=sys.stderr)
+                    print("\n".join(f"  - {p}" for p in problems[len(result.problems):]), file=sys.stderr)
                     return 1
+                runs[name] = apply_planned_choices(cfg, result)
         title = args.name or recipe_name(args.recipe)
         result = launch(runs, executor=args.executor, profile=profile, nodes=args.nodes,
                         rollout_nodes=args.rollout_nodes, title=title,

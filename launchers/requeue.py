@@ -11,15 +11,23 @@ These lines (inserted through ``SlurmExecutor.setup_lines``, after the template'
    the trainer ranks set their preemption flag (``delta_megatron.utils.preemption``), save and exit
    with code 75; torchrun is told to forward rather than die (``PET_SIGNALS_TO_HANDLE``) and to
    give the ranks the whole lead time before SIGKILL (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``);
-3. on exit, requeue the job when it was signalled or a step exited with 75. The requeued job runs the
-   same script again, and the trainer's ``--resume auto`` picks up the checkpoint it just wrote.
+3. on exit, requeue the job when it was signalled or the trainer asked for it. The requeued job runs
+   the same script again, and the trainer's ``--resume auto`` picks up the checkpoint it just wrote.
+
+The trainer asks by exiting 75 *and* writing a marker file (``DELTA_MEGATRON_REQUEUE_MARKER``, in the
+job directory): torchrun turns any worker failure into exit code 1, so the code alone never reaches
+this shell. The trainer also stops by itself before the job's end time (no signal at all), which is
+why these lines are installed whether or not the profile asks Slurm for a signal. A step that stopped
+for a requeue counts as a success (``srun`` returns 0), so it never uses up NeMo-Run's crash retries.
 """
 
 from __future__ import annotations
 
 import re
 
-from delta_megatron.utils.preemption import REQUEUE_EXIT_CODE
+from delta_megatron.utils.preemption import REQUEUE_EXIT_CODE, REQUEUE_MARKER_ENV
+
+__all__ = ["parse_signal", "torchrun_env", "batch_setup_lines", "REQUEUE_MARKER_ENV"]
 
 _SIGNAL = re.compile(r"^(B:)?(USR1|USR2|TERM|INT|SIGUSR1|SIGUSR2|SIGTERM)@(\d+)$")
 
@@ -39,23 +47,30 @@ def torchrun_env(lead_s: int) -> dict[str, str]:
             "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(lead_s)}
 
 
-def batch_setup_lines(signal_name: str = "USR1", exit_code: int = REQUEUE_EXIT_CODE) -> str:
-    """Bash for the batch script (see the module docstring for why each part exists)."""
-    return f"""\
-# --- delta-megatron preemption (launchers/requeue.py) ---
-dm_preempted=0
+def batch_setup_lines(signal_name: str | None = "USR1", exit_code: int = REQUEUE_EXIT_CODE,
+                      marker: str | None = None) -> str:
+    """Bash for the batch script (see the module docstring for why each part exists); ``marker`` is
+    the requeue-marker path as this shell sees it (``None``: only exit code 75 asks)."""
+    trap = f"""\
 dm_on_signal() {{
   dm_preempted=1
   echo "delta-megatron: SIG{signal_name} at $(date '+%F %T'): job steps checkpoint and exit"
   scancel --quiet --signal={signal_name} "$SLURM_JOB_ID"
 }}
-dm_on_exit() {{
+trap dm_on_signal {signal_name}
+""" if signal_name else ""
+    return f"""\
+# --- delta-megatron preemption (launchers/requeue.py) ---
+dm_preempted=0
+dm_marker="{marker or ''}"  # the trainer saved and asks for a requeue (torchrun hides its exit code)
+dm_asked() {{ [ -n "$dm_marker" ] && [ -f "$dm_marker" ]; }}
+{trap}dm_on_exit() {{
+  if dm_asked; then dm_preempted=1; rm -f "$dm_marker"; fi
   if [ "$dm_preempted" = 1 ]; then
     echo "delta-megatron: requeueing job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}})"
     scontrol requeue "$SLURM_JOB_ID"
   fi
 }}
-trap dm_on_signal {signal_name}
 trap dm_on_exit EXIT
 srun() {{  # background + wait, so the trap is not deferred until the step ends
   command srun "$@" &
@@ -63,7 +78,10 @@ srun() {{  # background + wait, so the trap is not deferred until the step ends
   while kill -0 "$pid" 2>/dev/null; do wait "$pid" || :; done
   wait "$pid"
   local rc=$?
-  if [ "$rc" = {exit_code} ]; then dm_preempted=1; [ "$BASH_SUBSHELL" -gt 0 ] && dm_on_exit; fi
+  if [ "$rc" = {exit_code} ] || dm_asked; then  # a clean stop for a requeue, not a crash
+    dm_preempted=1; [ "$BASH_SUBSHELL" -gt 0 ] && dm_on_exit
+    return 0
+  fi
   return "$rc"
 }}
 # --- end delta-megatron preemption ---"""

@@ -34,11 +34,11 @@ LAYOUTS = {
     "14b": {1: (4, 1, 2, 16384), 2: (4, 1, 2, 16384), 4: (4, 1, 2, 16384), 8: (4, 1, 2, 16384)},
     "32b": {2: (8, 1, 2, 16384), 4: (8, 1, 2, 16384), 8: (8, 1, 2, 16384)},
 }
-# SGLang tp and memory fraction: the paper's (1, 0.7) for 8B/14B; 32B weights (65 GB) leave too
-# little KV cache on one GPU, and the actor's resident state needs more than 30 % of it
-SGLANG = {"8b": (1, 0.7), "14b": (1, 0.7), "32b": (2, 0.6)}
+# SGLang tp and memory fraction: the paper's (1, 0.7); 32B weights (65 GB) leave too little KV cache on
+# one GPU. Colocated, the actor keeps only its weights on the GPU while SGLang generates (memory.*).
+SGLANG = {"8b": (1, 0.7), "14b": (1, 0.7), "32b": (2, 0.7)}
 # FP8 keeps an fp8 copy (+ transpose) of every linear weight next to the bf16 one: less room for SGLang
-SGLANG_FP8_FRACTION = {"8b": 0.7, "14b": 0.65, "32b": 0.55}
+SGLANG_FP8_FRACTION = {"8b": 0.7, "14b": 0.65, "32b": 0.65}
 
 
 def qwen3_model(size: str) -> ModelConfig:
@@ -86,8 +86,10 @@ def paper_config(size: str, *, nodes: int = 1, fp8: bool = False) -> Config:
     al.overlong.enabled, al.overlong.buffer_len, al.overlong.penalty_factor = True, 4096, 1.0
     al.dynamic_sampling.enabled = False
     cfg.checkpoint.every, cfg.checkpoint.keep = 10, 2
+    cfg.checkpoint.every_minutes = 60.0  # a crash loses at most an hour (a step is ~20 min)
+    cfg.parallel.timeout_minutes = 120.0  # > rank 0's longest rollout / eval (the planner checks)
     cfg.eval.every, cfg.eval.k, cfg.eval.temperature, cfg.eval.top_p = 10, 8, 1.0, 0.7
-    cfg.eval.max_new_tokens = 30000
+    cfg.eval.max_new_tokens, cfg.eval.max_prompts = 30000, 30  # AIME 2024 / 2025: 30 problems each
     cfg.logging.tensorboard = True
     return cfg
 

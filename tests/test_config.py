@@ -98,11 +98,26 @@ def test_defaults_validate_and_yaml_round_trip(tmp_path):
     ("credit.methods=[delta,magic]", "credit.methods[1]: 'magic' — allowed: 'delta', 'ktae'"),
     ("algo.loss.fipo.f_range=[1.1,1.2]", "algo.loss.fipo.f_range: (1.1, 1.2) — need 0 < lower <= 1 <= upper"),
     ("algo.loss.dual_clip_c=0.5", "algo.loss.dual_clip_c: 0.5 — must be > 1"),
+    ("train.recompute_granularity=some", "train.recompute_granularity: 'some' — allowed: 'none', 'full'"),
+    ("train.recompute_modules=[layernorm]", "train.recompute_modules: ['layernorm'] — a non-empty subset of "
+                                            "core_attn, mlp"),
+    ("train.recompute_num_layers=0", "train.recompute_num_layers: 0 — must be in [1, inf)"),
 ])
 def test_bad_values_name_field_value_and_allowed(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     assert fragment in str(err.value)
+
+
+def test_recompute_layers_must_fit_a_model_chunk():
+    full = ["train.recompute_granularity=full", "parallel.pp=2"]  # 4 layers: 2 per stage
+    assert load_config(overrides=full + ["train.recompute_num_layers=2"]).train.recompute_overrides() == {
+        "recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 2}
+    with pytest.raises(ConfigError, match="uniform recompute needs a divisor of the 2 layers per model chunk"):
+        load_config(overrides=full + ["train.recompute_num_layers=3"])
+    with pytest.raises(ConfigError, match="block recompute: at most the 2 layers"):
+        load_config(overrides=full + ["train.recompute_method=block", "train.recompute_num_layers=3"])
+    assert load_config().train.recompute_overrides() == {}
 
 
 def test_unknown_key_lists_the_valid_names_closest_first(tmp_path):

@@ -12,6 +12,11 @@ from delta_megatron.models.config import ModelConfig
 from delta_megatron.parallel import ParallelConfig
 from delta_megatron.utils.configs import Section, fail, option
 
+#: selective recompute submodules of a dense layer (megatron-core's ``recompute_modules``). Not
+#: "layernorm": the Transformer Engine spec fuses both norms into the next linear (nothing to
+#: recompute), and megatron-core 0.16's path for separate norms needs TE even without FP8.
+RECOMPUTE_MODULES = ("core_attn", "mlp")
+
 
 @dataclass
 class TrainConfig(Section):
@@ -36,6 +41,25 @@ class TrainConfig(Section):
     seed: int = option(1234, "seed of init, sampling and every random draw", ge=0)
     deterministic: bool = option(True, "deterministic kernels (megatron deterministic_mode; on CUDA also "
                                        "torch deterministic algorithms and cuBLAS workspace)")
+    recompute_granularity: Literal["none", "full", "selective"] = option(
+        "none", "activation recompute in the train pass: whole layers (full), some submodules "
+                "(selective) or none (megatron-core recompute_granularity)")
+    recompute_method: Literal["uniform", "block"] = option(
+        "uniform", "full recompute: uniform = every group of recompute_num_layers layers keeps only its "
+                   "input; block = only the first recompute_num_layers layers of each stage recompute")
+    recompute_num_layers: int = option(1, "full recompute: layers per group (uniform) or layers "
+                                          "recomputed per pipeline stage (block)", ge=1)
+    recompute_modules: list[str] = option(default_factory=lambda: ["core_attn"],
+                                          doc="selective recompute: submodules among core_attn, mlp")
+
+    def recompute_overrides(self) -> dict:
+        """megatron-core TransformerConfig fields for the configured recompute."""
+        if self.recompute_granularity == "none":
+            return {}
+        if self.recompute_granularity == "selective":
+            return {"recompute_granularity": "selective", "recompute_modules": list(self.recompute_modules)}
+        return {"recompute_granularity": "full", "recompute_method": self.recompute_method,
+                "recompute_num_layers": self.recompute_num_layers}
 
     def validate(self) -> None:
         if self.prompts_per_step % self.mini_batches:
@@ -45,6 +69,10 @@ class TrainConfig(Section):
             fail("warmup_steps", self.warmup_steps, f"must be <= steps={self.steps}")
         if self.min_lr > self.lr:
             fail("min_lr", self.min_lr, f"must be <= lr={self.lr:g}")
+        unknown = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES]
+        if unknown or (self.recompute_granularity == "selective" and not self.recompute_modules):
+            fail("recompute_modules", self.recompute_modules,
+                 f"a non-empty subset of {', '.join(RECOMPUTE_MODULES)} (dense layers)")
 
 
 @dataclass

@@ -17,7 +17,7 @@ for them, and in training reads the ``LossPlan``'s fields and selector.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from delta_megatron.actor.config import ActorConfig
 from delta_megatron.actor.microbatch import MicroBatch, build_microbatch, padded_row_length
+from delta_megatron.actor.offload import ActorOffload
 from delta_megatron.actor.optimizer import build_optimizer, wrap_ddp
 from delta_megatron.algo import PolicyLossInputs, policy_loss
 from delta_megatron.algo.aggregation import LossNormalizer, kept_scale
@@ -57,7 +58,8 @@ class MegatronActor:
         if cfg.train.deterministic:
             use_deterministic_kernels()
         chunks = build_model_chunks(cfg.model, cfg.parallel, config_overrides={
-            "calculate_per_token_loss": True, "deterministic_mode": cfg.train.deterministic})
+            "calculate_per_token_loss": True, "deterministic_mode": cfg.train.deterministic,
+            **cfg.train.recompute_overrides()})
         self.model = wrap_ddp(chunks, cfg.parallel)
         steps = total_optimizer_steps or cfg.train.steps * cfg.train.mini_batches * cfg.train.ppo_epochs
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.model, cfg.parallel, cfg.train, steps)
@@ -69,6 +71,31 @@ class MegatronActor:
         # KL reference = the policy as built (HF weights or the seeded init). Taken before any
         # checkpoint load, so a resumed run keeps the original reference (checkpoints hold the policy).
         self._reference = self._snapshot() if cfg.algo.kl.estimator != "none" else None
+        self._offload = ActorOffload(self.model, self.optimizer)
+
+    # ------------------------------------------------------------------ colocation (lifecycle.py)
+    def offload(self, parts=("optimizer", "grads")) -> None:
+        """Move ``parts`` (weights, grads, optimizer) off the device for a colocated rollout engine;
+        pinned host copies, bit-exact on the way back (actor/offload.py)."""
+        self._offload.offload(parts)
+
+    def onload(self, parts=None) -> None:
+        """Bring offloaded parts (all by default) back to the device."""
+        self._offload.onload(parts)
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Device bytes of weights / grads / optimizer now, measured from the tensors."""
+        return self._offload.resident_bytes()
+
+    @property
+    def offloaded(self) -> set[str]:
+        return set(self._offload.offloaded)
+
+    def _require(self, what: str, *parts: str) -> None:
+        away = sorted(set(parts) & self._offload.offloaded)
+        if away:
+            raise RuntimeError(f"MegatronActor.{what}: {', '.join(away)} offloaded; onload first "
+                               "(the lifecycle does so on entering the train phase)")
 
     # ------------------------------------------------------------------ KL reference
     def _params(self) -> list[torch.Tensor]:
@@ -188,6 +215,7 @@ class MegatronActor:
         micro-batch on the last pipeline stage and may ask for further forward-only passes (DelTA's
         moments / recompute modes). Returns the observers' metrics."""
         capture = capture or Capture()
+        self._require("old_logprobs", "weights")
         for chunk in self.model:
             chunk.eval()
         # packed per train shard: with equal logprob/train budgets the micro-batches are the train
@@ -317,24 +345,34 @@ class MegatronActor:
         return torch.cat(parts)
 
     # ------------------------------------------------------------------ train pass
-    def train(self, batch: RolloutBatch, plan: LossPlan | None = None) -> dict[str, float]:
-        """PPO epochs over the mini-batches of ``batch``; one optimizer step per mini-batch."""
+    def train(self, batch: RolloutBatch, plan: LossPlan | None = None, *, start: int = 0,
+              totals: dict[str, float] | None = None,
+              after_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+        """PPO epochs over the mini-batches of ``batch``; one optimizer step per mini-batch. Returns
+        the mean of the mini-batches' stats.
+
+        ``after_step(done, totals)`` runs after each optimizer step (a preemption boundary: it may
+        save and raise); a run resumed from there passes ``start=done`` and those ``totals`` (stat
+        sums of the steps already taken), so the rest of the batch and the mean come out as in an
+        uninterrupted run."""
         plan = plan or LossPlan()
+        self._require("train", "weights", "grads", "optimizer")
         for chunk in self.model:
             chunk.train()
         response = batch.loss_mask  # [T] response tokens (the normaliser's token count)
         loss_mask = response & batch[plan.mask_field].bool() if plan.mask_field else response
         resp_lens = torch.zeros(batch.num_seqs).index_add_(0, batch.seq_index, loss_mask.float())  # [B]
         mismatch = self._mismatch_metrics(batch, loss_mask) if plan.objective != "sft" else {}
-        totals: dict[str, float] = {}
-        steps = 0
-        for _ in range(self.cfg.train.ppo_epochs):
-            for mini, local in zip(self.minibatch_plan(batch), self.local_shards(batch)):
-                stats = self._train_minibatch(batch, mini, local, plan, response, loss_mask, resp_lens)
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
-                steps += 1
-        return {**{k: v / max(steps, 1) for k, v in totals.items()}, **mismatch}
+        totals = dict(totals or {})
+        schedule = [pair for _ in range(self.cfg.train.ppo_epochs)
+                    for pair in zip(self.minibatch_plan(batch), self.local_shards(batch))]
+        for done, (mini, local) in enumerate(schedule[start:], start=start + 1):
+            stats = self._train_minibatch(batch, mini, local, plan, response, loss_mask, resp_lens)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            if after_step is not None:
+                after_step(done, totals)
+        return {**{k: v / max(len(schedule), 1) for k, v in totals.items()}, **mismatch}
 
     def _mismatch_metrics(self, batch: RolloutBatch, loss_mask: torch.Tensor) -> dict[str, float]:
         """Engine vs actor log-probs of the rollout batch (``train/mismatch/…``): every rank's owned
@@ -457,6 +495,7 @@ class MegatronActor:
         Collective: every rank writes its shards into ``path``."""
         from megatron.core import dist_checkpointing
 
+        self._require("save_checkpoint", "weights", "optimizer")
         path.mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(_sharded_state(self), str(path), async_sharded_save=False)
         if self.groups.rank == 0:
@@ -480,6 +519,7 @@ class MegatronActor:
         (TP rank 0 of the first DP×CP replica). Collective over TP: every rank must iterate it."""
         from delta_megatron.models.converter import megatron_to_hf
 
+        self._require("named_hf_weights", "weights")
         if self.groups.dp_cp_rank != 0:  # other replicas hold the same weights
             return
         yield from megatron_to_hf([unwrap(m) for m in self.model], self.cfg.model, bucket_bytes=bucket_bytes,

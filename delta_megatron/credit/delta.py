@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from delta_megatron.credit.base import CREDIT_METHODS, CreditInputs, CreditNeeds, CreditOutput
+from delta_megatron.credit.delta_cache import VCache
 from delta_megatron.credit.delta_head import DeltaHeadObserver
 from delta_megatron.credit.delta_stats import (
     Chunk,
@@ -78,6 +79,10 @@ class DeltaConfig(Section):
     mode: Literal["cache", "moments", "recompute"] = option(
         "cache", "how later passes get v: cache it, first/second moments (K+1 forwards), recompute (K+2)")
     cache_dtype: Literal["float32", "bfloat16"] = option("float32", "dtype of the v cache (float32: >= fp32)")
+    cache_device: Literal["auto", "gpu", "host"] = option(
+        "auto", "cache mode: v on the GPU, or in pinned host memory (copies overlapped with the "
+                "log-prob pass); auto: the planner picks what fits (launch writes it into the job's "
+                "config), the GPU without a plan")
     scope: Literal["global", "dp_shard"] = option("global", "centroids over the rollout batch, or per "
                                                             "DP-rank shard (A1)")
     proxy: Literal["output_row", "topk_hidden"] = option("output_row", "token-gradient proxy (§2.1 / §2.2)")
@@ -173,6 +178,7 @@ class DeltaEngine:
         self.metrics: dict[str, float] = {}
         self._scale = 1.0
         self._threshold: float | None = None
+        self._vcache: VCache | None = None  # cache mode: where v waits for the replayed stages
 
     # ---------------------------------------------------------------- driving API
     @property
@@ -223,8 +229,9 @@ class DeltaEngine:
                 chunk.ids = token_ids[mask].to(torch.int64)
             if self.cfg.mode == "cache" and len(self.stages) > 1:
                 cache_dtype = torch.bfloat16 if self.cfg.cache_dtype == "bfloat16" else self._dtype
-                chunk.v = vv.to(cache_dtype)
-                vv = chunk.v.to(self._dtype)  # pass 0 sees exactly what the cache replays
+                cached = vv.to(cache_dtype)
+                vv = cached.to(self._dtype)  # pass 0 sees exactly what the cache replays
+                chunk.v = self._cache().store(cached)
             self._chunks[key] = chunk
         else:
             chunk = self._chunks.get(key)
@@ -246,8 +253,8 @@ class DeltaEngine:
             raise ValueError(f"DeltaEngine.end_pass({p}): chunks {missing[:5]} not observed in this pass")
         self._end_stage()
         while self.cfg.mode == "cache" and not self.finished:  # replay the cache, no forwards
-            for chunk in self._chunks.values():
-                self._accumulate(self.stages[self._stage], chunk, chunk.v.to(self._dtype))
+            for chunk, v in self._cache().replay(self._chunks.values()):
+                self._accumulate(self.stages[self._stage], chunk, v.to(self._dtype))
             self._end_stage()
         self._pass += 1
 
@@ -278,6 +285,11 @@ class DeltaEngine:
         return self.lambda_bar(key) if self.cfg.selection == "none" else self.selection_mask(key)
 
     # ---------------------------------------------------------------- internals
+    def _cache(self) -> VCache:
+        if self._vcache is None:
+            self._vcache = VCache(self.cfg.cache_device, self._device)
+        return self._vcache
+
     def _check_pass(self, p: int, what: str) -> None:
         if self.finished:
             raise RuntimeError(f"DeltaEngine.{what}({p}): the engine has finished "

@@ -28,6 +28,8 @@ class SGLangConfig(Section):
     weight_sync: Literal["ipc", "nccl", "disk"] = option("ipc", "how new weights reach the servers")
     sync_bucket_mb: int = option(512, "tensor bucket size of one weight-sync push (MiB)", ge=1)
     check_weights: bool = option(False, "after each sync, compare sampled server weights with the actor's")
+    memory_saver: bool = option(True, "start servers with --enable-memory-saver, so a colocated run can "
+                                      "release and resume their weights and KV pool (memory.colocate)")
     extra_args: list[str] = option(doc="extra command-line arguments of sglang.launch_server",
                                    default_factory=list)
 

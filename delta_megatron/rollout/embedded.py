@@ -11,6 +11,12 @@ through its public hooks rather than a hand-written decode loop:
   token with the row's own ``torch.Generator`` and masks the rest, which greedy selection emits;
 * a stopping criterion that ends the rows of aborted requests, keeping their partial tokens.
 
+Colocation: ``release_memory_occupation`` frees the parameters' storage (``weights``: discarded, as
+SGLang does) and blocks generation until ``kv_cache`` is resumed (HF allocates its KV cache per
+``generate`` call, so that tag holds no memory between rollouts); after ``resume_memory_occupation(
+["weights"])`` every weight must be updated before the engine generates again. CPU runs thus make the
+same calls in the same order as a colocated SGLang engine.
+
 Sample j of a request is thus a function of (request seed, j) — independent of the other requests
 in its batch, of ``batch_size``, and of the global RNG, which is never touched. Requests that differ
 only in their seed (one seed per prompt group, as the trainer sends) share micro-batches.
@@ -32,6 +38,7 @@ from delta_megatron.rollout.engine import (
     Sample,
     SamplingParams,
     WeightSyncError,
+    check_memory_tags,
     room_in_context,
     sample_slots,
 )
@@ -136,11 +143,20 @@ class EmbeddedEngine:
         self._running = threading.Event()
         self._running.set()
         self._closed = False
+        self.released: set[str] = set()  # memory tags given back (colocation)
+        self._freed: list[tuple[torch.UntypedStorage, int]] = []  # released weight storages
+        self._awaiting: set[str] = set()  # weights resumed but not updated yet
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerateRequest]) -> list[Sample]:
         if self._closed:
             raise RolloutError("EmbeddedEngine.generate: the engine is closed")
+        if self.released or self._awaiting:
+            raise RolloutError(
+                "EmbeddedEngine.generate: " + (f"memory released ({', '.join(sorted(self.released))})"
+                                               if self.released else
+                                               f"{len(self._awaiting)} weights not updated since resume")
+                + "; resume weights, update them, then resume kv_cache")
         requests = list(requests)
         rows = sample_slots(requests)
         out: dict[tuple[str, int], Sample] = {}
@@ -285,6 +301,52 @@ class EmbeddedEngine:
         self._closed = True
         self._running.set()
 
+    # ------------------------------------------------------------------ colocation (memory tags)
+    def _param_storages(self) -> list[torch.UntypedStorage]:
+        seen, out = set(), []
+        for p in self.model.parameters():
+            st = p.untyped_storage()
+            if st.data_ptr() not in seen and st.nbytes():
+                seen.add(st.data_ptr())
+                out.append(st)
+        return out
+
+    def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """Give back ``tags`` (``weights``: parameter storage freed, contents discarded)."""
+        tags = check_memory_tags(tags, "EmbeddedEngine.release_memory_occupation")
+        with self._lock, self._state:
+            if self._inflight:
+                raise RolloutError("release_memory_occupation: the engine is generating "
+                                   f"({len(self._inflight)} requests in flight)")
+            twice = sorted(set(tags) & self.released)
+            if twice:
+                raise RolloutError(f"release_memory_occupation: {twice} already released")
+            if "weights" in tags:
+                self._freed = [(st, st.nbytes()) for st in self._param_storages()]
+                for st, _ in self._freed:
+                    st.resize_(0)
+            self.released |= set(tags)
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """Map released ``tags`` again; resumed weights are zeros until every one is updated."""
+        tags = check_memory_tags(tags, "EmbeddedEngine.resume_memory_occupation") if tags is not None \
+            else tuple(sorted(self.released))
+        with self._lock:
+            missing = sorted(set(tags) - self.released)
+            if missing:
+                raise RolloutError(f"resume_memory_occupation: {missing} not released")
+            if "weights" in tags:
+                for st, nbytes in self._freed:
+                    st.resize_(nbytes)
+                    torch.empty(0, dtype=torch.uint8, device=st.device).set_(st, 0, (nbytes,)).zero_()
+                self._freed = []
+                self._awaiting = {n for n, _ in self.model.named_parameters()}
+            self.released -= set(tags)
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Device bytes held between rollouts: the weights (the KV cache lives inside ``generate``)."""
+        return {"weights": sum(st.nbytes() for st in self._param_storages()), "kv_cache": 0}
+
     # ------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
                        allow_partial: bool = False) -> int:
@@ -296,6 +358,9 @@ class EmbeddedEngine:
         before an error stay copied: discard the engine's weights or update again.
         """
         with self._lock:
+            if "weights" in self.released:
+                raise WeightSyncError("update_weights: the weights are released; "
+                                      "resume_memory_occupation(['weights']) first")
             targets = self.model.state_dict(keep_vars=True)  # includes tied aliases
             names_of: dict[int, list[str]] = {}
             for name, t in targets.items():
@@ -324,6 +389,8 @@ class EmbeddedEngine:
                     dst.copy_(tensor)
                     seen[key] = name
                     count += 1
+            received = {n for key in seen for n in names_of[key]}
+            self._awaiting -= received
             missing = [names[0] for key, names in names_of.items() if key not in seen]
             if missing and not allow_partial:
                 raise WeightSyncError(

@@ -14,6 +14,11 @@ Conventions shared by every engine:
 * Weight names crossing the boundary are HF names from the project's single converter.
 * Samples aborted mid-generation keep their partial tokens (``finish_reason == "abort"``) so a
   :class:`PartialRolloutBuffer` can continue them after a weight update (partial rollouts).
+* Colocated with the actor, an engine gives its device memory back between rollouts, by SGLang's
+  tags (:data:`MEMORY_TAGS`): ``release_memory_occupation(["kv_cache", "weights"])`` after a rollout;
+  ``resume_memory_occupation(["weights"])``, a weight update, then ``resume_memory_occupation(
+  ["kv_cache"])`` before the next one (slime's order: the KV pool is mapped only once the weights are
+  in). Released weights are discarded: until the next update the engine refuses to generate.
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ if TYPE_CHECKING:
 __all__ = [
     "FinishReason", "SamplingParams", "GenerateRequest", "Sample", "RolloutEngine",
     "RolloutError", "RequestFailed", "WeightSyncError", "PartialRolloutBuffer", "weight_update_window",
-    "sample_slots", "room_in_context",
+    "sample_slots", "room_in_context", "MEMORY_TAGS", "check_memory_tags",
 ]
 
 FinishReason = Literal["stop", "length", "abort"]
+
+#: SGLang's memory regions (``io_struct.ReleaseMemoryOccupationReqInput.tags``; ``None`` = both)
+MEMORY_TAGS = ("kv_cache", "weights")
 
 
 class RolloutError(RuntimeError):
@@ -190,6 +198,13 @@ class RolloutEngine(Protocol):
         """Abort in-flight requests (all when ``None``); their samples come back with
         ``finish_reason == "abort"`` and the tokens generated so far."""
 
+    def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """Free the device memory of ``tags`` (:data:`MEMORY_TAGS`; ``None`` = all); the engine must
+        be idle. Released weights are gone: resume them and update the weights before generating."""
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """Map the memory of released ``tags`` again (``None`` = all released)."""
+
     def close(self) -> None: ...
 
 
@@ -204,6 +219,14 @@ def room_in_context(req: GenerateRequest, context_len: int | None) -> int:
                            f"room in the model's context of {context_len} (max_position_embeddings); "
                            "rollout.max_prompt_len keeps such prompts out")
     return min(req.remaining_tokens, context_len - used)
+def check_memory_tags(tags: Sequence[str] | None, where: str) -> tuple[str, ...]:
+    """``tags`` as a tuple (``None`` = every tag); raises ``ValueError`` naming unknown ones."""
+    if tags is None:
+        return MEMORY_TAGS
+    unknown = [t for t in tags if t not in MEMORY_TAGS]
+    if unknown:
+        raise ValueError(f"{where}: unknown memory tags {unknown}; SGLang knows {', '.join(MEMORY_TAGS)}")
+    return tuple(tags)
 
 
 def sample_slots(requests: Sequence[GenerateRequest]) -> list[tuple[GenerateRequest, int]]:

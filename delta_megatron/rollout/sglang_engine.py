@@ -13,6 +13,9 @@ pause / weight updates / checks go to every worker URL (``GET /workers`` on the 
 given). A weight update is pause → strategy push (:mod:`~delta_megatron.rollout.weight_sync`) →
 flush → resume; on any failure the servers are resumed and a :class:`WeightSyncError` says what failed
 where. ``check_weights`` compares the servers' weights (``/get_weights_by_name``) with the trainer's.
+Colocated, ``/release_memory_occupation`` and ``/resume_memory_occupation`` (``tags``) give the
+servers' weights and KV pool back to the actor between rollouts (servers started with
+``--enable-memory-saver``, see ``SGLangConfig.memory_saver``).
 
 Faults are reported in bounded time, all derived from the config: every HTTP call has a total deadline
 (``request_timeout_s × (max_retries + 1)`` plus backoff sleeps, see ``_http.HttpClient``), the abort
@@ -42,6 +45,7 @@ from delta_megatron.rollout.engine import (
     RolloutError,
     Sample,
     WeightSyncError,
+    check_memory_tags,
     room_in_context,
     sample_slots,
     weight_update_window,
@@ -107,6 +111,7 @@ class SGLangEngine:
         self._rids: dict[str, set[str]] = {}  # request id -> rids in flight
         self._aborted: set[str] = set()
         self._calls: dict[str, int] = {}  # request id -> generate calls holding it
+        self.released: set[str] = set()  # memory tags the servers gave back (colocation)
 
     @classmethod
     def launch(cls, model_path: str, config, *, host: str = "127.0.0.1", log_dir: str | None = None,
@@ -377,6 +382,18 @@ class SGLangEngine:
 
     def resume(self) -> None:
         self.post_all("/continue_generation", {})
+
+    def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """Every server frees ``tags`` (``ReleaseMemoryOccupationReqInput.tags``); idle servers only."""
+        tags = check_memory_tags(tags, "release_memory_occupation")
+        self.post_all("/release_memory_occupation", {"tags": list(tags)})
+        self.released |= set(tags)
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """Every server maps ``tags`` again (``None``: all it released)."""
+        payload = {"tags": None if tags is None else list(check_memory_tags(tags, "resume_memory_occupation"))}
+        self.post_all("/resume_memory_occupation", payload)
+        self.released -= set(payload["tags"] or self.released)
 
     def flush_cache(self) -> None:
         if self.pause_mode != "in_place":  # SGLang refuses to flush with requests parked in place

@@ -37,7 +37,7 @@ def server_command(model_path: str, port: int, cfg, *, host: str = "127.0.0.1",
     return [python, "-m", "sglang.launch_server", "--model-path", str(model_path),
             "--host", host, "--port", str(port), "--tp-size", str(cfg.tp),
             "--mem-fraction-static", str(cfg.mem_fraction), "--base-gpu-id", str(base_gpu_id),
-            *cfg.extra_args]
+            *(["--enable-memory-saver"] if cfg.memory_saver else []), *cfg.extra_args]
 
 
 def router_command(worker_urls: Sequence[str], port: int, *, host: str = "127.0.0.1",

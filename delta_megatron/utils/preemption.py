@@ -2,8 +2,9 @@
 
 Why a flag and not work in the handler: a signal can land in the middle of a collective or an
 optimizer step; saving from inside the handler would deadlock or write a torn checkpoint. The handler
-only records the signal; the training loop asks :meth:`Preemption.should_stop` at safe points (step
-boundaries, and before the first optimizer step of a rollout batch), saves, and exits with
+only records the signal; the training loop asks :meth:`Preemption.should_stop` at safe points (the
+stage boundaries: after the rollout, after each optimizer step, after the weight sync, after the
+step), saves, and exits with
 :data:`REQUEUE_EXIT_CODE`. The batch script that launched it (see ``launchers/requeue.py``) requeues
 the job, and the next run resumes with ``--resume auto``.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -29,6 +31,10 @@ import torch.distributed as dist
 REQUEUE_EXIT_CODE = 75
 
 DEFAULT_SIGNALS = ("SIGUSR1", "SIGTERM")
+
+#: where a stopped run leaves its "requeue me" note (set by the launcher): torchrun reports any failed
+#: worker as exit code 1, so exit code 75 alone does not reach the batch script
+REQUEUE_MARKER_ENV = "DELTA_MEGATRON_REQUEUE_MARKER"
 
 _Handler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -48,6 +54,7 @@ class Preemption:
     def __init__(self, signals: tuple[str, ...] = DEFAULT_SIGNALS):
         self.signal_names = tuple(signals)
         self.received: str | None = None  # name of the first signal that arrived
+        self.received_at: float | None = None  # when (epoch seconds)
         self._event = threading.Event()
         self._previous: dict[int, _Handler] = {}
 
@@ -80,7 +87,7 @@ class Preemption:
     def request(self, reason: str = "requested") -> None:
         """Set the flag (what the handler does; also usable from code, e.g. a wall-clock budget)."""
         if self.received is None:
-            self.received = reason
+            self.received, self.received_at = reason, time.time()
         self._event.set()
 
     @property
@@ -91,17 +98,31 @@ class Preemption:
     def should_stop(self, group: Any = None) -> bool:
         """True on every rank if *any* rank of ``group`` was signalled. Collective when
         torch.distributed is initialised: all ranks of ``group`` must call it at the same point."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        backend = dist.get_backend(group)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
-            else torch.device("cpu")
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        stop = bool(flag.item())
-        if stop and not self.requested:
+        return self.decide(group=group)[0]
+
+    def decide(self, *flags: bool, group: Any = None) -> tuple[bool, ...]:
+        """``(stop, *flags)`` as every rank of ``group`` sees them: each is true if it is true on any
+        rank (one all-reduce), ``stop`` being this flag. Lets rank 0 alone decide something (a
+        deadline, a wall-clock save) and every rank act on it at the same point. Collective."""
+        local = [int(self.requested), *(int(bool(f)) for f in flags)]
+        if dist.is_available() and dist.is_initialized():
+            backend = dist.get_backend(group)
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
+                else torch.device("cpu")
+            both = torch.tensor(local, dtype=torch.int32, device=device)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+            local = both.tolist()
+        if local[0] and not self.requested:
             self.request("peer")
-        return stop
+        return tuple(bool(x) for x in local)
+
+
+def mark_requeue() -> None:
+    """Ask the batch script for a requeue: write the marker file the launcher named (if any)."""
+    path = os.environ.get(REQUEUE_MARKER_ENV)
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(os.environ.get("SLURM_JOB_ID", "") + "\n")
 
 
 def restart_count() -> int:

@@ -134,6 +134,16 @@ def test_delta_lambda_equals_reference(actor, ref, mode):
     assert metrics["credit/delta/n_zero"] == float((adv == 0).sum())
 
 
+def test_delta_host_cache_equals_device_cache_in_the_actor(actor):
+    """credit.delta.cache_device=host inside the old-log-prob pass: the same λ̄ bit for bit."""
+    got = {}
+    for place in ("gpu", "host"):
+        batch = make_batch()
+        actor.old_logprobs(batch, ref_lib.capture_for(DeltaCredit(DeltaConfig(cache_device=place))))
+        got[place] = batch["credit_delta"]
+    assert torch.equal(got["host"], got["gpu"]) and got["gpu"].std() > 0.01
+
+
 @pytest.mark.parametrize("mode", ["cache", "recompute"])
 def test_delta_topk_hidden_proxy_equals_reference(actor, ref, mode):
     """The §2.2 ablation proxy built inside the output layer (global top-K from the log-prob kernel)

@@ -257,3 +257,49 @@ def test_random_controls_are_layout_invariant_with_token_ids():
     u = hash_uniform(torch.arange(100_000), 3)
     assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
     assert not torch.equal(hash_uniform(torch.arange(10), 3), hash_uniform(torch.arange(10), 4))
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_host_cache_gives_the_same_lambda_as_the_device_cache(cache_dtype, monkeypatch):
+    """credit.delta.cache_device: the v cache in host memory replays exactly the values kept on the
+    device (bit-identical λ̄); host mode stores a copy of each chunk, device mode the chunk itself."""
+    from delta_megatron.credit.delta_cache import VCache
+
+    stored: list[tuple[bool, int, int]] = []  # (host, input storage, kept storage)
+    inner = VCache.store
+
+    def spy(self, v):
+        out = inner(self, v)
+        stored.append((self.host, v.untyped_storage().data_ptr(), out.untyped_storage().data_ptr()))
+        return out
+
+    monkeypatch.setattr(VCache, "store", spy)
+    v, a, mask, _ = random_batch(16, responses=30, d=8, dtype=torch.float32)
+    bounds = random_bounds(len(a), 4, 0)
+    want, device_engine = run_engine(DeltaConfig(K=2, cache_dtype=cache_dtype, cache_device="gpu"),
+                                     v, a, mask, bounds)
+    got, host_engine = run_engine(DeltaConfig(K=2, cache_dtype=cache_dtype, cache_device="host"),
+                                  v, a, mask, bounds)
+    assert torch.equal(got, want) and got.std() > 0.01
+    assert [s[0] for s in stored] == [False] * len(bounds) + [True] * len(bounds)
+    assert all((src == kept) != host for host, src, kept in stored)
+    for key in range(len(bounds)):
+        kept = host_engine._chunks[key].v
+        assert kept.device.type == "cpu" and kept.dtype == getattr(torch, cache_dtype)
+        assert torch.equal(kept, device_engine._chunks[key].v)
+    with pytest.raises(ConfigError, match="credit.delta.cache_device"):
+        DeltaEngine(DeltaConfig(cache_device="disk"), 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_cache_on_gpu_is_pinned_and_equal():
+    """GPU path: v copied to pinned host memory on a side stream during pass 0, streamed back with a
+    prefetch for the replay; λ̄ equals the on-device cache bit for bit."""
+    v, a, mask, _ = random_batch(17, responses=60, d=64, dtype=torch.float32)
+    v, a, mask = v.cuda(), a.cuda(), mask.cuda()
+    bounds = random_bounds(len(a), 6, 0)
+    want, _ = run_engine(DeltaConfig(K=2, cache_device="gpu"), v, a, mask, bounds)
+    got, engine = run_engine(DeltaConfig(K=2, cache_device="host"), v, a, mask, bounds)
+    assert got.is_cuda and torch.equal(got, want)
+    assert all(c.v.device.type == "cpu" and c.v.is_pinned() for c in engine._chunks.values())

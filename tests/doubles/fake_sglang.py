@@ -5,7 +5,10 @@ SGLang's ``http_server.py`` / ``io_struct.py`` field by field for the endpoints 
 (``/generate`` with ``input_ids`` + ``sampling_params`` + ``return_logprob`` → ``meta_info``
 ``finish_reason`` / ``output_token_logprobs``; ``/abort_request``; ``/pause_generation``;
 ``/continue_generation``; ``/flush_cache``; ``/update_weights_from_{tensor,disk,distributed}``;
-``/init_weights_update_group``; ``/get_weights_by_name``; ``/health``; model/server info — also the
+``/init_weights_update_group``; ``/get_weights_by_name``; ``/release_memory_occupation`` and
+``/resume_memory_occupation`` with ``tags`` (``ReleaseMemoryOccupationReqInput``: ``None`` = every
+tag; success answers JSON ``null``, a failure 400 ``{"error": {"message"}}`` as SGLang's
+``_create_error_response``); ``/health``; model/server info — also the
 ``/model_info`` and ``/server_info`` spellings ``sglang_router`` 0.3 asks workers for), so the real
 ``sglang_router`` can route to it. Generation is an :class:`EmbeddedEngine` on the given model.
 
@@ -88,6 +91,10 @@ class FakeSGLangServer:
             ("POST", "/init_weights_update_group"): self._init_group,
             ("POST", "/update_weights_from_distributed"): self._from_distributed,
             ("POST", "/destroy_weights_update_group"): self._destroy_group,
+            ("POST", "/release_memory_occupation"): self._release_memory,
+            ("GET", "/release_memory_occupation"): self._release_memory,
+            ("POST", "/resume_memory_occupation"): self._resume_memory,
+            ("GET", "/resume_memory_occupation"): self._resume_memory,
             ("GET", "/get_weights_by_name"): self._weights_by_name,
             ("POST", "/get_weights_by_name"): self._weights_by_name,
             ("GET", "/_fake/requests"): self._log,
@@ -305,6 +312,23 @@ class FakeSGLangServer:
 
     def _flush(self, body) -> _Reply:
         return _Reply(200, _FLUSHED)
+
+    # ------------------------------------------------------------------ memory occupation
+    def _memory(self, body: dict, action) -> _Reply:
+        extra = set(body) - {"tags"}
+        if extra:  # SGLang's request dataclass has no other field
+            return _Reply(400, {"error": {"message": f"unexpected fields {sorted(extra)}"}})
+        try:
+            action(body.get("tags"))
+        except Exception as err:
+            return _Reply(400, {"error": {"message": str(err)}})
+        return _Reply(200, None)
+
+    def _release_memory(self, body: dict) -> _Reply:
+        return self._memory(body, self.engine.release_memory_occupation)
+
+    def _resume_memory(self, body: dict) -> _Reply:
+        return self._memory(body, self.engine.resume_memory_occupation)
 
     # ------------------------------------------------------------------ weights
     def _updated(self, body: dict, extra: dict | None = None, message: str = "Success") -> _Reply:

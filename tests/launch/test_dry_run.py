@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from delta_megatron.config import Config
+from delta_megatron.planner import PlanOptions, plan
 from delta_megatron.utils.configs import from_dict
 from launchers.executors import expand_env, load_profile, local_executor, rdzv_id
-from launchers.launch import CONFIG_EOF, launch, resolve_runs
+from launchers.launch import CONFIG_EOF, apply_planned_choices, launch, resolve_runs
 from pipelines import qwen3_b200
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -41,7 +42,10 @@ def test_b200_2x8_sbatch_snapshot(nemorun_home, clean_profile_env):
     check_snapshot("b200_2x8_qwen3_14b_delta.sbatch", text, nemorun_home)
     # the parts this project is responsible for, spelled out
     assert "#SBATCH --nodes=2\n" in text and "#SBATCH --gpus-per-node=8\n" in text
-    assert "#SBATCH --signal=B:USR1@120\n" in text
+    assert "#SBATCH --signal=B:USR1@1200\n" in text  # > save + the longest stage (planner)
+    job_dir = "$NEMORUN_HOME/experiments/qwen3-14b-delta/qwen3-14b-delta_dryrun/qwen3-14b-delta"
+    assert "export DELTA_MEGATRON_REQUEUE_MARKER=/nemo_run/requeue\n" in text.replace(nemorun_home, "$NEMORUN_HOME")
+    assert f'dm_marker="{job_dir}/requeue"' in text.replace(nemorun_home, "$NEMORUN_HOME")
     assert "--nnodes 2 --nproc-per-node 8" in text and f"--rdzv-id {rdzv_id('qwen3-14b-delta/qwen3-14b-delta')}" in text
     assert "export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1\n" in text
     assert "trap dm_on_signal USR1\n" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
@@ -136,3 +140,23 @@ def test_plan_cli(capsys):
     assert main(["qwen3-14b-delta", "--nodes", "1", "--cluster", "b200", "parallel.cp=1"]) == 1
     assert main(["no-such-recipe"]) == 2
     assert "recipe: 'no-such-recipe' — known recipes:" in capsys.readouterr().err
+
+
+def test_launch_writes_the_planners_choices_into_the_job(nemorun_home, clean_profile_env, capsys):
+    """`launch --executor slurm` plans, checks the time limit and signal lead, and the job's config
+    carries what the plan assumed: the DelTA cache's device (auto resolved) and the save time."""
+    from launchers.launch import main
+
+    assert main(["qwen3-14b-delta", "--executor", "slurm", "--cluster", "b200", "--dry-run",
+                 "credit.delta.cache_device=auto"]) == 0
+    text = capsys.readouterr().out
+    assert "#SBATCH --signal=B:USR1@1200" in text
+    runs = resolve_runs("qwen3-14b-delta", [], nodes=1)
+    planned = plan(runs["qwen3-14b-delta"], load_profile("b200").hardware, PlanOptions(nodes=1))
+    cfg = apply_planned_choices(runs["qwen3-14b-delta"], planned)
+    assert cfg.credit.delta.cache_device == "gpu" and cfg.checkpoint.save_seconds == 21.0  # ⌈20.7 s⌉
+    # a lead the plan rejects stops the launch before anything is submitted
+    assert main(["qwen3-14b-delta", "--executor", "slurm", "--cluster", "b200", "--dry-run",
+                 "credit.delta.cache_device=host", "rollout.max_new_tokens=80000",
+                 "train.max_tokens_per_gpu_train=90000", "train.max_tokens_per_gpu_logprob=90000"]) == 1
+    assert "signal lead: 1200 s before the time limit" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 
 from delta_megatron import planner_model as pm
 from delta_megatron.config import Config, ModelConfig, ParallelConfig
-from delta_megatron.planner import Hardware, PlanError, PlanOptions, plan
+from delta_megatron.planner import Hardware, PlanError, PlanOptions, plan, time_problems
 
 # d=64, 2 layers, 4 heads (hq=64), 2 kv heads (hkv=32), head_dim 16, ffn 128, V=100, untied, qk-norm
 TINY = pm.Dims(d=64, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=128, vocab=100, tied=False,
@@ -85,33 +85,79 @@ HW = Hardware(gpu="toy", gpus_per_node=4, hbm_gib=2**-10, reserved_gib=2**-12, b
 def test_plan_memory_and_time_by_hand():
     p = plan(tiny_config(0.2), HW, PlanOptions(nodes=1))
     assert p.layout["dp"] == 2 and p.layout["micro_batches"] == 2  # 128 tokens / 2 minis / 2 dp / 16
-    state = {"weights": 87296, "grads": 174592, "optimizer": 12 * 43648 / 2}  # dp*cp = 2
-    # 8 responses x 16 tokens / 2 = 64 local tokens x 24 B of per-token fields
-    assert p.memory["train"] == state | {"activations": 936 * 16 * 2,
-                                         "lm head+chunks": 2 * 64 * 16 + 2 * 4 * 8 * 100 / 2,
-                                         "batch fields": 1536}
-    # forward work: one layer (936*16) + residual 2*64*16; DelTA cache: 8*10 response tokens
-    # / dp 2 / tp 2 (SP-sharded h) = 20 tokens x 64 x 2 B
+    weights, grads, optimizer = 87296, 174592, 12 * 43648 / 2  # dp*cp = 2 shards the Adam state
+    # SGLang (tp 1): its copy of the weights (2 x 86912 B) and the rest of its 0.2 MiB pool as KV
+    engine = {"engine weights": 173824, "engine kv_cache": 0.2 * 2**20 - 173824}
+    # colocated (memory.*): the actor keeps only its weights while SGLang generates ...
+    assert p.memory["rollout"] == {"weights": weights} | engine
+    # ... its whole state while SGLang has released everything; forward work: one layer (936*16) +
+    # residual 2*64*16; DelTA cache: 8*10 response tokens / dp 2 / tp 2 (SP-sharded h) x 64 x 2 B
+    state = {"weights": weights, "grads": grads, "optimizer": optimizer}
     assert p.memory["logprob"] == state | {"forward work": 14976 + 2048, "logit chunks": 3200,
-                                           "batch fields": 1536, "delta v cache": 2560}
-    assert p.peak("train") == 560512 and p.peak("logprob") == 548096
-    assert p.memory["rollout"]["sglang pool"] == pytest.approx(0.2 * 2**20)
+                                           "delta v cache": 2560}
+    assert p.memory["train"] == state | {"activations": 936 * 16 * 2,
+                                         "lm head+chunks": 2 * 64 * 16 + 2 * 4 * 8 * 100 / 2}
+    # the sync: SGLang's weights are back, the sender holds its stage's weights gathered over TP
+    assert p.memory["sync"] == {"weights": weights, "engine weights": 173824, "sync buffers": 2 * 43648 * 2}
+    assert p.memory["save"] == {"weights": weights, "optimizer": optimizer, "engine weights": 173824}
+    assert p.peak("train") == 558976 and p.peak("logprob") == 546560
+    assert p.host == {"optimizer": optimizer}  # pinned, between the sync and the next train phase
     assert p.usable_bytes == 786432 and p.fits
     # old-log-prob pass: 8 x (0.25*6 + 0.5*10) = 52 tokens in sequences of 6:
     # (2*80128*52 + 2*2*64*36*52/6) FLOPs / (4 GPUs x 1e6 x 0.5)
     assert p.time_s["old-logprob pass"] == pytest.approx(8413184 / 2e6)
     assert p.time_s["delta extra fwd"] == 0.0  # cache mode: no extra forward
+    assert p.time_s["offload/onload"] == pytest.approx(2 * optimizer / 50e9)  # host_link_gbps 50
+    assert p.stages["optimizer step"] == pytest.approx(
+        (p.time_s["train fwd+bwd"] + p.time_s["dp grad sync"]) / 2)  # 2 mini-batches x 1 epoch
 
 
-def test_plan_rejects_with_component_and_numbers():
-    p = plan(tiny_config(0.5), HW, PlanOptions(nodes=1))
-    # colocated: actor state 523776 B + SGLang pool 0.5 MiB = 1048064 B > 786432 B usable
-    assert p.peak("rollout") == 523776 + 524288
-    assert not p.fits and len(p.problems) == 1
+def test_without_colocation_everything_stays_resident_and_does_not_fit():
+    cfg = tiny_config(0.5)
+    assert plan(cfg, HW, PlanOptions(nodes=1)).fits  # colocated: 87296 + 0.5 MiB in the rollout
+    cfg.memory.colocate = False
+    p = plan(cfg, HW, PlanOptions(nodes=1))
+    # actor state 523776 B + SGLang pool 0.5 MiB = 1048064 B > 786432 B usable, in every phase
+    assert p.peak("rollout") == 523776 + 524288 and not p.fits
+    assert p.host == {"delta v cache": 2560}  # auto: the cache moved to the host, still no room
+    assert [x.split(":")[0] for x in p.problems] == [f"{ph} phase" for ph in ("rollout", "logprob", "train",
+                                                                              "sync", "save")]
     assert p.problems[0].startswith("rollout phase: needs 1023.5 KiB per GPU > usable 768.0 KiB")
-    assert "largest: sglang pool 512.0 KiB" in p.problems[0]
+    assert "largest: engine kv_cache 342.2 KiB" in p.problems[0]
     with pytest.raises(PlanError, match="rollout phase"):
         p.check()
+
+
+def test_offloaded_weights_and_a_host_delta_cache_leave_the_gpu():
+    cfg = tiny_config(0.2)
+    cfg.memory.offload_weights = True
+    cfg.credit.delta.cache_device = "host"
+    p = plan(cfg, HW, PlanOptions(nodes=1))
+    assert "weights" not in p.memory["rollout"] and "delta v cache" not in p.memory["logprob"]
+    assert p.memory["sync"]["weights"] == 87296  # the sync reads them: offloaded only after it
+    assert p.host == {"optimizer": 12 * 43648 / 2, "weights": 87296, "delta v cache": 2560}
+    # the cache goes out during the log-prob pass (overlapped) and comes back for K+2 = 3 stages
+    assert p.time_s["delta host cache"] == pytest.approx(3 * 2560 / 50e9)
+
+
+def test_auto_cache_device_picks_what_fits():
+    cfg = tiny_config(0.2)
+    assert plan(cfg, HW, PlanOptions()).choices["credit.delta.cache_device"] == "gpu"
+    cfg.train.max_tokens_per_gpu_logprob = 242  # forward work 1064 B x 242: 2432 B short of the cache
+    p = plan(cfg, HW, PlanOptions())
+    assert p.choices["credit.delta.cache_device"] == "host" and "delta v cache" not in p.memory["logprob"]
+    assert p.peak("logprob") + 2560 > p.usable_bytes >= p.peak("logprob")
+    cfg.credit.delta.cache_device = "gpu"  # forced: the plan says it does not fit
+    assert any(x.startswith("logprob phase") for x in plan(cfg, HW, PlanOptions()).problems)
+
+
+def test_pinned_host_memory_is_checked():
+    cfg = tiny_config(0.2)
+    hw = Hardware(**{**HW.__dict__, "host_mem_gib": 2**-10})  # 1 MiB of host memory per node
+    cfg.memory.offload_weights = True
+    p = plan(cfg, hw, PlanOptions())  # (261888 + 87296) B x 4 GPUs = 1.3 MiB > 80 % of 1 MiB
+    assert "host memory: 1.3 MiB pinned per node (optimizer, weights) > 80% of 1.0 MiB; offload less " \
+           "(memory.*) or keep credit.delta.cache_device on the gpu" in p.problems
 
 
 def test_plan_rejects_bad_layouts():
@@ -127,9 +173,42 @@ def test_plan_rejects_bad_layouts():
 
 def test_recompute_and_delta_modes_change_the_plan():
     cfg = tiny_config(0.2)
+    kept, layer = 2 * 64 / 2 * 16, 936 * 16  # a layer's input (SP-sharded), a layer's activations
     full = plan(cfg, HW, PlanOptions(recompute="full"))
-    assert full.memory["train"]["activations"] == 2 * 64 / 2 * 16 * 2 + 936 * 16
+    assert full.memory["train"]["activations"] == kept * 2 + layer
+    assert full.layout["recompute"] == "full"
+    cfg.train.recompute_granularity, cfg.train.recompute_method = "full", "block"
+    block = plan(cfg, HW, PlanOptions())  # from the config: the first layer recomputed, the second kept
+    assert block.memory["train"]["activations"] == kept + layer + layer
+    cfg.train.recompute_granularity, cfg.train.recompute_modules = "selective", ["mlp"]
+    selective = plan(cfg, HW, PlanOptions())  # the SwiGLU outputs (3 x 128 / 2 per token) not kept
+    assert selective.memory["train"]["activations"] == (layer - 2 * 3 * 128 / 2 * 16) * 2
+    none = plan(tiny_config(0.2), HW, PlanOptions())
+    assert none.time_s["train fwd+bwd"] < selective.time_s["train fwd+bwd"] < full.time_s["train fwd+bwd"]
+    assert full.time_s["train fwd+bwd"] == pytest.approx(none.time_s["train fwd+bwd"] * 4 / 3)
+    cfg = tiny_config(0.2)
     cfg.credit.delta.mode = "recompute"  # K + 2 = 3 extra forwards, no cache
     p = plan(cfg, HW, PlanOptions())
     assert "delta v cache" not in p.memory["logprob"]
     assert p.time_s["delta extra fwd"] == pytest.approx(3 * p.time_s["old-logprob pass"])
+
+
+def test_collective_timeout_must_outlast_rank_zero_alone():
+    cfg = tiny_config(0.2)
+    assert plan(cfg, HW, PlanOptions()).fits  # 30 minutes
+    cfg.parallel.timeout_minutes = 0.01  # 0.6 s: less than the toy rollout with every response at max length
+    problems = plan(cfg, HW, PlanOptions()).problems
+    assert len(problems) == 1 and problems[0].startswith(
+        "parallel.timeout_minutes: 0.01 min is shorter than the longest stage only rank 0 works in "
+        "(rollout (all responses at max length):"), problems
+
+
+def test_time_limit_and_signal_lead_are_checked_against_the_plan():
+    p = plan(tiny_config(0.2), HW, PlanOptions())
+    name, longest = max(p.stages.items(), key=lambda kv: kv[1])
+    step = sum(p.time_s.values())
+    margin = p.save_s + longest
+    assert time_problems(p, startup_s=10, time_limit_s=10 + step + margin, signal_lead_s=margin) == []
+    late, short = time_problems(p, startup_s=10, time_limit_s=10 + step + margin - 1, signal_lead_s=margin - 1)
+    assert late.startswith(f"signal lead: {margin - 1:.0f} s before the time limit < save") and name in late
+    assert short.startswith("time limit:") and "could not checkpoint a finished step" in short

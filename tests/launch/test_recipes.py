@@ -52,10 +52,33 @@ def test_32b_does_not_fit_on_one_node():
     cfg = q.paper_config("32b", nodes=2)
     cfg.parallel.cp = 1  # tp 8 on one node: dp x cp = 1, nothing shards the Adam state
     result = plan(q.with_delta(cfg), load_hardware("b200"), PlanOptions(nodes=1))
-    assert result.memory["rollout"]["optimizer"] / 2**30 == pytest.approx(45.8, abs=0.05)
+    assert result.memory["train"]["optimizer"] / 2**30 == pytest.approx(45.8, abs=0.05)
+    assert "optimizer" not in result.memory["rollout"]  # colocated: on the host while SGLang runs
     expected = ["train micro-batch: one sequence of 22528 tokens needs 22528 tokens per GPU at cp=1",
-                "log-prob micro-batch: one sequence of 22528 tokens needs 22528 tokens per GPU",
-                "rollout phase: needs 176.1 GiB per GPU > usable 171.0 GiB"]
-    assert len(result.problems) == 3
+                "log-prob micro-batch: one sequence of 22528 tokens needs 22528 tokens per GPU"]
+    assert len(result.problems) == 2
     for problem, start in zip(result.problems, expected):
         assert problem.startswith(start), problem
+    cfg.memory.colocate = False  # the whole actor next to SGLang's pool (what the code did before)
+    result = plan(q.with_delta(cfg), load_hardware("b200"), PlanOptions(nodes=1))
+    assert result.problems[2].startswith("rollout phase: needs 194.0 GiB per GPU > usable 171.0 GiB")
+
+
+@pytest.mark.parametrize("recipe, nodes", [("qwen3-8b-delta", 1), ("qwen3-14b-delta", 1),
+                                           ("qwen3-32b-delta", 2), ("qwen3-14b-delta-fp8", 1)])
+def test_recipes_checkpoint_before_the_b200_time_limit(recipe, nodes):
+    """The b200 profile's 4 h limit leaves start-up + a step + (save + longest stage), and its signal
+    comes before the time a save and the longest stage take: a job always checkpoints a finished
+    step before its limit. The old 120 s lead did not cover a 14B rollout."""
+    from launchers.executors import load_profile
+    from launchers.launch import slurm_time_problems
+
+    profile = load_profile("b200")
+    result = plan(load_recipe(recipe, nodes=nodes), profile.hardware, PlanOptions(nodes=nodes))
+    assert slurm_time_problems(result, profile) == []
+    assert result.stages["rollout"] == max(result.stages.values())  # the stage the lead must cover
+    profile.slurm.signal = "B:USR1@120"
+    problem, = slurm_time_problems(result, profile)
+    assert problem.startswith("signal lead: 120 s before the time limit < save") and "rollout" in problem
+    profile.slurm.time = "00:30:00"
+    assert any(p.startswith("time limit: 0.50 h") for p in slurm_time_problems(result, profile))

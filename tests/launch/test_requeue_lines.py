@@ -1,5 +1,7 @@
 """The batch-shell preemption lines, run by bash with fake ``srun``/``scancel``/``scontrol`` on PATH:
-SIGUSR1 during a step -> the steps are signalled -> the step exits 75 -> the job is requeued once."""
+SIGUSR1 during a step -> the steps are signalled -> the step exits 75 -> the job is requeued once;
+a trainer that stopped by itself (its deadline) leaves the requeue marker, which torchrun's exit code
+1 cannot hide."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ FAKE_SRUN = """#!/bin/bash
 echo "srun $*" >> "$LOG"
 for _ in $(seq 1 600); do
   [ -f "$DIR/flag" ] && exit 75          # the 'trainer' saw SIGUSR1: saved, asks for a requeue
+  [ -f "$DIR/stopped" ] && { echo 4242 > "$DIR/requeue"; exit 1; }  # ... by the marker, under torchrun
   [ -f "$DIR/finish" ] && exit "$(cat "$DIR/finish")"
   sleep 0.05
 done
@@ -26,14 +29,15 @@ FAKE_SCANCEL = '#!/bin/bash\necho "scancel $*" >> "$LOG"\ntouch "$DIR/flag"\n'
 FAKE_SCONTROL = '#!/bin/bash\necho "scontrol $*" >> "$LOG"\n'
 
 
-def batch_script(tmp_path: Path) -> subprocess.Popen:
+def batch_script(tmp_path: Path, signal_name: str | None = "USR1") -> subprocess.Popen:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     script = tmp_path / "batch.sh"
-    script.write_text("set +e\n" + batch_setup_lines() + "\nsrun --output x torchrun train\n"
+    lines = batch_setup_lines(signal_name, marker=str(tmp_path / "requeue"))
+    script.write_text("set +e\n" + lines + "\nsrun --output x torchrun train\n"
                       'echo "after srun rc=$?" >> "$LOG"\n')
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=str(tmp_path / "log"),
                DIR=str(tmp_path), SLURM_JOB_ID="4242")
@@ -57,7 +61,7 @@ def test_sigusr1_signals_steps_then_requeues(tmp_path):
     assert (tmp_path / "log").read_text().splitlines() == [
         "srun --output x torchrun train",
         "scancel --quiet --signal=USR1 4242",  # delivered while the step still runs
-        "after srun rc=75",
+        "after srun rc=0",  # a stop for a requeue is not a crash (no crash retry on top)
         "scontrol requeue 4242",
     ]
 
@@ -69,8 +73,20 @@ def test_requeue_only_when_asked(tmp_path, step_rc, requeued):
     (tmp_path / "finish").write_text(str(step_rc))
     proc.wait(timeout=30)
     lines = (tmp_path / "log").read_text().splitlines()
-    assert lines[1] == f"after srun rc={step_rc}"
+    assert lines[1] == f"after srun rc={0 if requeued else step_rc}"
     assert ("scontrol requeue 4242" in lines) is requeued and "scancel" not in " ".join(lines)
+
+
+@pytest.mark.parametrize("signal_name", ["USR1", None])
+def test_the_trainers_marker_requeues_through_torchruns_exit_code(tmp_path, signal_name):
+    """A deadline stop: no signal, the step exits 1 (torchrun), the marker asks for the requeue."""
+    proc = batch_script(tmp_path, signal_name)
+    wait_for_line(tmp_path / "log", "srun --output x torchrun train", proc)
+    (tmp_path / "stopped").touch()
+    assert proc.wait(timeout=30) == 0
+    assert (tmp_path / "log").read_text().splitlines() == [
+        "srun --output x torchrun train", "after srun rc=0", "scontrol requeue 4242"]
+    assert not (tmp_path / "requeue").exists()  # consumed: the next run starts clean
 
 
 def test_signal_spec_and_torchrun_env():

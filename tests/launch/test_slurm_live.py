@@ -155,3 +155,88 @@ def test_real_trainer_through_slurm(tmp_path, nemorun_home):
     assert sacct_states(jid) == ["COMPLETED"]
     rows = read_jsonl(Path(result.exp_dir) / "tiny" / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@live
+def test_job_with_a_short_time_limit_saves_before_it_and_resumes(tmp_path, nemorun_home):
+    """A 1-minute job (Slurm's smallest limit) of 1.5 s stages: rank 0 reads the end time (squeue %L),
+    the job stops once time left < save time (12 s) + longest stage, saves, leaves the requeue
+    marker and is requeued by the batch script — never killed by the limit — and each next run
+    resumes where the last one saved, until the work (1.5x what the first run fits) is done."""
+    profile = load_profile("local")
+    profile.slurm.time, profile.slurm.signal = "00:01:00", None  # only the trainer's own deadline rule
+    executor = slurm_executor(profile, nodes=1, name="deadline", requeue_marker=str(tmp_path / "requeue"))
+    task = run.Script(path=str(JOBS / "deadline_job.py"), entrypoint="python",
+                      args=["--dir", str(tmp_path), "--stage-s", "1.5", "--save-s", "12"])
+    with experiment("dm-live-deadline") as exp:
+        exp.add(task, executor=executor, name="deadline")
+        exp.run(detach=True)
+        jid = job_id(exp.jobs[0].handle)
+    metrics = tmp_path / "metrics.jsonl"
+    requeues = 0
+    while not any(e["event"] == "done" for e in read_jsonl(metrics)):
+        assert requeues < 4, read_jsonl(metrics)  # the work needs one or two requeues at most
+        wait_until(lambda seen=requeues: sacct_states(jid).count("REQUEUED") > seen
+                   or any(e["event"] == "done" for e in read_jsonl(metrics)), "a stop or the end",
+                   timeout_s=150)
+        if any(e["event"] == "done" for e in read_jsonl(metrics)):
+            break
+        requeues += 1
+        # Slurm holds a requeued job ~2 min; 5 s is enough for its credential to be revoked
+        wait_until(lambda: _squeue_state(jid) == "PENDING", "the requeued job to be pending")
+        subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now+5"], check=True)
+    wait_until(lambda: sacct_states(jid)[-1:] == ["COMPLETED"], "the job to complete")
+
+    events = read_jsonl(metrics)
+    assert requeues >= 1 and [e["event"] for e in events] == ["start", "stopped"] * requeues + ["start", "done"]
+    assert [e["restart"] for e in events[::2]] == list(range(requeues + 1))
+    for start, stop in zip(events[:-2:2], events[1::2]):
+        assert start["end_time"] is not None and 0 < start["time_left"] <= 60  # read from Slurm
+        assert stop["reason"] == "deadline" and stop["saved_step"] > start["start_step"]  # progress
+        assert 0 < stop["time_left"] < 12 + 2 * 1.5  # below save + longest stage (slack), not after
+    for stop, again in zip(events[1::2], events[2::2]):
+        assert again["start_step"] == stop["saved_step"]
+    assert sacct_states(jid) == ["REQUEUED"] * requeues + ["COMPLETED"]  # never TIMEOUT
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@live
+def test_sigusr1_during_the_rollout_saves_within_one_stage(tmp_path, nemorun_home):
+    """The real trainer under Slurm (2 ranks): SIGUSR1 through the batch shell while a rollout runs
+    (a long one: 128 sequential generations) stops the run at the very next stage boundary — the
+    end of that rollout — with a checkpoint that redoes the step, and the batch script requeues."""
+    reason = _trainer_missing()
+    if reason:
+        pytest.skip(reason)
+    from delta_megatron.utils.configs import apply_overrides
+    from launchers.launch import launch
+    from pipelines.tiny_arith_cpu import smoke_config
+
+    cfg = apply_overrides(smoke_config(out=str(tmp_path), method="delta", steps=6), [
+        "train.prompts_per_step=16", "rollout.n_samples=8", "rollout.batch_size=1", "checkpoint.every=0",
+        "logging.progress=false"])
+    result = launch({"tiny": cfg}, executor="slurm", profile=load_profile("local"), nodes=1,
+                    title="dm-live-sigusr1", detach=True)
+    jid = job_id(result.handles[0])
+    timeline = Path(result.exp_dir) / "tiny" / "run" / "timeline.jsonl"
+    try:
+        # the end of step 0: the next rollout starts right away
+        wait_until(lambda: any(e["stage"] == "step" for e in read_jsonl(timeline) if e["event"] == "boundary"),
+                   "the first step", timeout_s=400)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True)
+        wait_until(lambda: any(e["event"] == "stop" for e in read_jsonl(timeline)), "the stop", timeout_s=200)
+        wait_until(lambda: "REQUEUED" in sacct_states(jid), "the requeue")
+    finally:
+        subprocess.run(["scancel", jid], check=False)  # the requeued run is not needed here
+
+    events = read_jsonl(timeline)
+    stop = next(e for e in events if e["event"] == "stop")
+    after = [e for e in events if e["event"] == "boundary" and e["t"] >= stop["signal_at"]]
+    assert stop["reason"] == "SIGUSR1" and after[0]["stop"]  # the first boundary after the signal
+    assert after[0]["stage"] == stop["stage"] == "rollout" and len(after) == 1
+    assert stop["resume_step"] == stop["step"] >= 1  # the interrupted step is redone on resume
+    saved = Path(result.exp_dir) / "tiny" / "run" / "checkpoints" / stop["saved"]
+    assert (saved / "trainer.pt").exists() and (saved / "actor").is_dir()

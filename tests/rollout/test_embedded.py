@@ -214,3 +214,43 @@ def test_config_glue_and_duplicate_samples(model):
         engine.generate([GenerateRequest("d", [5], GREEDY), GenerateRequest("d", [6], GREEDY)])
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_memory_release_resume_protocol(model):
+    """Colocation: released weights are freed and discarded; the engine generates again only after
+    weights resume → every weight updated → kv_cache resume (slime's order), and then exactly as an
+    engine that was never released."""
+    from delta_megatron.rollout.engine import RolloutError
+    from tests.rollout.tiny import tiny_model
+
+    new = {n: t.clone() for n, t in tiny_model(1).state_dict().items()}
+    engine = EmbeddedEngine(model, PAD, EOS)
+    weight_bytes = engine.resident_bytes()["weights"]
+    assert weight_bytes == sum(p.numel() * 4 for p in model.parameters())  # tied embedding counted once
+
+    engine.release_memory_occupation(["kv_cache", "weights"])
+    assert engine.resident_bytes() == {"weights": 0, "kv_cache": 0}
+    assert all(p.untyped_storage().nbytes() == 0 for p in model.parameters())
+    with pytest.raises(RolloutError, match="memory released"):
+        engine.generate(_requests(GREEDY))
+    with pytest.raises(WeightSyncError, match="released"):
+        engine.update_weights(new.items())
+    with pytest.raises(RolloutError, match="already released"):
+        engine.release_memory_occupation(["weights"])
+    with pytest.raises(ValueError, match="unknown memory tags"):
+        engine.release_memory_occupation(["cuda_graph_x"])
+
+    engine.resume_memory_occupation(["weights"])
+    assert engine.resident_bytes()["weights"] == weight_bytes
+    assert all(not p.detach().any() for p in model.parameters())  # contents were discarded
+    first = dict(list(new.items())[:3])
+    engine.update_weights(first.items(), allow_partial=True)
+    engine.resume_memory_occupation(["kv_cache"])
+    with pytest.raises(RolloutError, match="not updated since resume"):
+        engine.generate(_requests(GREEDY))
+    engine.update_weights(new.items())
+    got = engine.generate(_requests(GREEDY))
+    want = EmbeddedEngine(tiny_model(1), PAD, EOS).generate(_requests(GREEDY))
+    assert [s.response_ids for s in got] == [s.response_ids for s in want]
+    with pytest.raises(RolloutError, match="not released"):
+        engine.resume_memory_occupation(["kv_cache"])

@@ -49,7 +49,9 @@ def test_commands_follow_sglang_and_router_clis():
     assert server_command("/m", 30010, cfg, base_gpu_id=2, python="py") == [
         "py", "-m", "sglang.launch_server", "--model-path", "/m", "--host", "127.0.0.1",
         "--port", "30010", "--tp-size", "2", "--mem-fraction-static", "0.6", "--base-gpu-id", "2",
-        "--disable-cuda-graph"]
+        "--enable-memory-saver", "--disable-cuda-graph"]  # colocation: release/resume memory
+    cfg.memory_saver = False
+    assert "--enable-memory-saver" not in server_command("/m", 30010, cfg)
     assert router_command(["http://a:1", "http://b:2"], 29000, python="py") == [
         "py", "-m", "sglang_router.launch_router", "--worker-urls", "http://a:1", "http://b:2",
         "--host", "127.0.0.1", "--port", "29000", "--policy", "cache_aware"]

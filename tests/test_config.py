@@ -101,7 +101,7 @@ def test_defaults_validate_and_yaml_round_trip(tmp_path):
     ("train.recompute_granularity=some", "train.recompute_granularity: 'some' — allowed: 'none', 'full'"),
     ("train.recompute_modules=[layernorm]", "train.recompute_modules: ['layernorm'] — a non-empty subset of "
                                             "core_attn, mlp"),
-    ("train.recompute_num_layers=0", "train.recompute_num_layers: 0 — must be in [1, inf)"),
+    ("train.recompute_num_layers=0", "train.recompute_num_layers: 0 — must be >= 1"),
 ])
 def test_bad_values_name_field_value_and_allowed(override, fragment):
     with pytest.raises(ConfigError) as err:

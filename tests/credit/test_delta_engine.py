@@ -287,7 +287,7 @@ def test_host_cache_gives_the_same_lambda_as_the_device_cache(cache_dtype, monke
         kept = host_engine._chunks[key].v
         assert kept.device.type == "cpu" and kept.dtype == getattr(torch, cache_dtype)
         assert torch.equal(kept, device_engine._chunks[key].v)
-    with pytest.raises(ConfigError, match="credit.delta.cache_device"):
+    with pytest.raises(ConfigError, match="cache_device: 'disk' — allowed: 'auto', 'gpu', 'host'"):
         DeltaEngine(DeltaConfig(cache_device="disk"), 4)
 
 

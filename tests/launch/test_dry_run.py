@@ -157,6 +157,6 @@ def test_launch_writes_the_planners_choices_into_the_job(nemorun_home, clean_pro
     assert cfg.credit.delta.cache_device == "gpu" and cfg.checkpoint.save_seconds == 21.0  # ⌈20.7 s⌉
     # a lead the plan rejects stops the launch before anything is submitted
     assert main(["qwen3-14b-delta", "--executor", "slurm", "--cluster", "b200", "--dry-run",
-                 "credit.delta.cache_device=host", "rollout.max_new_tokens=80000",
-                 "train.max_tokens_per_gpu_train=90000", "train.max_tokens_per_gpu_logprob=90000"]) == 1
-    assert "signal lead: 1200 s before the time limit" in capsys.readouterr().err
+                 "eval.max_prompts=150"]) == 1  # 2 sets x 150 x 8 samples of <= 30000 tokens: ~38 min
+    err = capsys.readouterr().err
+    assert "signal lead: 1200 s before the time limit" in err and "longest stage (eval" in err

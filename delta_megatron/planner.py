@@ -1,11 +1,14 @@
 """``delta-megatron plan RECIPE --nodes N``: will this layout fit, and where will the step time go?
 
-Estimates, per GPU, the memory of every component (weights, fp32 grads, sharded Adam state,
-activations with/without recompute, log-prob chunks, the DelTA ``v`` cache, the colocated SGLang pool)
-and the step-time components (rollout decode, old-log-prob pass, DelTA extra forwards, train fwd+bwd,
-gradient sync, weight sync) from FLOP counts and the bandwidths of a cluster profile. A layout that
-does not fit is rejected with the component and the numbers. The model and its check against
-published numbers are in docs/planner.md; the formulas are in :mod:`delta_megatron.planner_model`.
+Per GPU and per phase of the colocated lifecycle (rollout, logprob, train, sync, save), the memory of
+every component (weights, fp32 grads, sharded Adam state, activations with the configured recompute,
+log-prob chunks, the DelTA ``v`` cache, the SGLang engine's weights and KV pool) — the ledger of
+:mod:`delta_megatron.memory_ledger`, which the trainer logs too — and the step-time components
+(rollout, old-log-prob pass, DelTA extra forwards and host cache, train fwd+bwd, gradient sync, weight
+sync, offload) from FLOP counts and the bandwidths of a cluster profile, with the stages between
+preemption checks and the save time. A layout that does not fit is rejected with the component and
+the numbers. The model and its check against published numbers are in docs/planner.md; the formulas
+are in :mod:`delta_megatron.planner_model`.
 
 The planner reads only the ``hardware:`` section of ``slurm/profiles/<name>.yaml``; launching is the
 business of ``launchers/``, which this library never imports.
@@ -485,8 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = command_parser(
         "delta-megatron plan",
         "Will this layout fit, and where will the step time go? Per-GPU memory of every component\n"
-        "(weights, grads, Adam, activations, log-prob chunks, DelTA cache, SGLang pool) at the worst\n"
-        "case, and the step time by component, from FLOPs and the cluster profile's bandwidths.",
+        "(weights, grads, Adam, activations, log-prob chunks, DelTA cache, SGLang weights and KV) in\n"
+        "each phase (rollout, logprob, train, sync, save) at the worst case, and the step time by\n"
+        "component, from FLOPs and the cluster profile's bandwidths.",
         """\
         RECIPE: a recipe name (pipelines/*.RECIPES), module:function or a YAML config; --nodes,
         --cluster (slurm/profiles/<name>.yaml hardware section), dotted overrides""",

@@ -87,3 +87,23 @@ def test_round_trip_is_bit_exact_and_frees_the_device(groups, hf_dir, layout):
     actor.offload(["optimizer", "grads", "weights"])  # the same pinned buffers are reused
     actor.onload()
     assert_identical(state(actor), state(twin))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_on_gpu_frees_device_memory_into_pinned_buffers(groups, hf_dir):
+    """GPU path: the optimizer state and weights land in pinned host buffers, the device memory they
+    held is handed back (memory_allocated drops by their size), and the round trip is bit-exact."""
+    cfg = make_config(hf_dir, LAYOUTS["distributed_bf16"])
+    actor = MegatronActor(cfg.actor_config(), groups)
+    train_step(actor)
+    before, resident = state(actor), actor.resident_bytes()
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    actor.offload(["optimizer", "grads", "weights"])
+    freed = allocated - torch.cuda.memory_allocated()
+    assert freed >= 0.95 * sum(resident.values()), (freed, resident)
+    assert all(t.is_pinned() for t in actor._offload._host.values())
+    actor.onload()
+    assert actor.resident_bytes() == resident
+    assert_identical(state(actor), before)

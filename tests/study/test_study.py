@@ -203,7 +203,7 @@ def test_slurm_dry_run_is_one_job_per_run(tmp_path, capsys, monkeypatch):
         "dapo-s1", "dapo-s2", "delta-lowprob-s1", "delta-lowprob-s2")]
     text = scripts[2]
     assert "#SBATCH --job-name=dm.delta-lowprob-s1\n" in text and "#SBATCH --gpus-per-node=8\n" in text
-    assert "--nnodes 1 --nproc-per-node 8" in text and "#SBATCH --signal=B:USR1@120\n" in text
+    assert "--nnodes 1 --nproc-per-node 8" in text and "#SBATCH --signal=B:USR1@1200\n" in text
     assert "dry run: 4 jobs" in captured.err
     assert not (tmp_path / "study-8b" / "study.json").exists()  # a dry run records nothing
     # where each job writes, as the job and as this machine see it (the profile's mounts mapped back)

@@ -58,8 +58,6 @@ def scale_points(base: Config, name: str, hw: Hardware, *, nodes: list[int], tp:
         cfg.parallel.sequence_parallel = t > 1
         if cfg.parallel.vpp and p < 2:
             cfg.parallel.vpp = None
-        if cfg.rollout.engine == "sglang":  # colocated servers follow the GPU count
-            cfg.rollout.sglang.num_servers = max(1, n * hw.gpus_per_node // cfg.rollout.sglang.tp)
         gpus = n * hw.gpus_per_node
         if gpus % (t * p * c):
             skipped.append(Skipped(label, f"tp*pp*cp={t * p * c} does not divide {gpus} GPUs"))

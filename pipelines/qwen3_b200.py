@@ -66,7 +66,6 @@ def paper_config(size: str, *, nodes: int = 1, fp8: bool = False) -> Config:
     ro.sglang.tp, ro.sglang.mem_fraction = SGLANG[size]
     if fp8:
         ro.sglang.mem_fraction = SGLANG_FP8_FRACTION[size]
-    ro.sglang.num_servers = nodes * 8 // ro.sglang.tp
     ro.sglang.max_concurrency = 2048  # every response of the batch in flight at once
     cfg.data.train, cfg.data.template = "/data/deepmath-103k/train.parquet", "chat"
     cfg.data.eval = ["/data/eval/aime25.parquet", "/data/eval/aime24.parquet"]

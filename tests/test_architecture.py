@@ -18,6 +18,7 @@ ROOTS = ("delta_megatron", "pipelines", "launchers")
 # (layer, module prefixes): a module may import its own layer and the layers below, never above.
 LAYERS = [
     (0, ["delta_megatron.utils", "delta_megatron.ops", "delta_megatron.batch", "delta_megatron.parallel",
+         "delta_megatron.topology",
          "delta_megatron.credit_contract", "delta_megatron.tracking"]),
     (1, ["delta_megatron.algo", "delta_megatron.credit", "delta_megatron.reward", "delta_megatron.data"]),
     (2, ["delta_megatron.models", "delta_megatron.actor", "delta_megatron.rollout", "delta_megatron.checkpoint",

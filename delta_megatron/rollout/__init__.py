@@ -33,7 +33,7 @@ def make_engine(cfg, *, model=None, pad_token_id: int | None = None, eos_token_i
     """The engine ``cfg`` (a RolloutConfig) names.
 
     embedded: needs ``model`` (an HF causal LM) and ``pad_token_id``. sglang: connects to
-    ``router_url`` / ``worker_urls`` when given, else launches ``cfg.sglang.num_servers`` servers of
+    ``router_url`` / ``worker_urls`` when given, else launches ``cfg.sglang.servers_per_node`` servers of
     ``model_path`` and a router on this node.
     """
     if cfg.engine == "embedded":

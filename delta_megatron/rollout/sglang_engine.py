@@ -116,7 +116,7 @@ class SGLangEngine:
     @classmethod
     def launch(cls, model_path: str, config, *, host: str = "127.0.0.1", log_dir: str | None = None,
                startup_timeout_s: float = 900.0, **kwargs) -> SGLangEngine:
-        """Start ``config.num_servers`` servers and a router on this node and connect to them."""
+        """Start ``config.servers_per_node`` servers and a router on this node and connect to them."""
         from delta_megatron.rollout.sglang_server import launch_server_group
 
         group = launch_server_group(model_path, config, host=host, log_dir=log_dir,

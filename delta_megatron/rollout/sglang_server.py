@@ -1,6 +1,6 @@
 """Launching SGLang servers and ``sglang_router`` as child processes, and waiting until they serve.
 
-``launch_server_group`` starts ``num_servers`` × ``python -m sglang.launch_server`` (GPUs
+``launch_server_group`` starts ``servers_per_node`` × ``python -m sglang.launch_server`` (GPUs
 ``i*tp .. i*tp+tp-1`` via ``--base-gpu-id``), waits for each ``/health``, then starts
 ``python -m sglang_router.launch_router --worker-urls ...`` and waits until the router lists every
 worker as healthy. Each child runs in its own session with its log in ``log_dir``; a child that exits
@@ -181,13 +181,13 @@ def launch_server_group(model_path: str, cfg, *, host: str = "127.0.0.1",
                         port_stride: int = 10,
                         server_cmd: Callable[[int, int], list[str]] | None = None,
                         env: dict[str, str] | None = None) -> ServerGroup:
-    """Start ``cfg.num_servers`` servers on ``cfg.port_base + i*port_stride`` and a router on
+    """Start ``cfg.servers_per_node`` (at least one) servers on ``cfg.port_base + i*port_stride`` and a router on
     ``cfg.router_port``; returns once all serve. ``server_cmd(port, base_gpu_id)`` replaces the
     SGLang command (tests start :mod:`~tests.doubles.fake_sglang` servers this way)."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="dm-sglang-"))
     group = ServerGroup()
     try:
-        for i in range(cfg.num_servers):
+        for i in range(cfg.servers_per_node or 1):
             port = cfg.port_base + i * port_stride
             cmd = (server_cmd(port, i * cfg.tp) if server_cmd is not None
                    else server_command(model_path, port, cfg, host=host, base_gpu_id=i * cfg.tp))

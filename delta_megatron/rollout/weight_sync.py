@@ -343,12 +343,12 @@ def load_from_disk(workers: Workers, path: str | Path, version: int) -> None:
 def make_weight_sync(cfg, *, master_address: str = "127.0.0.1", master_port: int = 0,
                      pp_rank: int = 0, disk_dir: str | Path | None = None,
                      base_model_path: str | Path | None = None) -> WeightSync:
-    """The strategy ``SGLangConfig.weight_sync`` names ("ipc" | "nccl" | "disk")."""
-    if cfg.weight_sync == "ipc":
+    """The strategy ``SGLangConfig.weight_sync`` names ("auto"/"ipc" | "distributed" | "disk")."""
+    if cfg.weight_sync in ("auto", "ipc"):
         return TensorSync(cfg.sync_bucket_mb, tp_size=cfg.tp)
-    if cfg.weight_sync == "nccl":
+    if cfg.weight_sync == "distributed":
         if not master_port:
-            raise ValueError("weight_sync=nccl needs master_port (a free port on the sender's host)")
+            raise ValueError("weight_sync=distributed needs master_port (a free port on the sender's host)")
         return DistributedSync(master_address, master_port, tp_size=cfg.tp, pp_rank=pp_rank,
                                bucket_mb=cfg.sync_bucket_mb)
     if disk_dir is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from delta_megatron.topology import place
 from launchers.sweeps import parse_grid, scale_points
 from tests.launch.test_planner import HW, tiny_config
 
@@ -13,7 +14,9 @@ def test_grid_drops_what_cannot_run():
     assert [(p.name, p.nodes, p.cfg.parallel.tp, p.cfg.parallel.sequence_parallel)
             for p in points] == [("t-n1-tp2-pp1-cp1", 1, 2, True), ("t-n2-tp1-pp1-cp1", 2, 1, False),
                                  ("t-n2-tp2-pp1-cp1", 2, 2, True)]
-    assert [p.cfg.rollout.sglang.num_servers for p in points] == [4, 8, 8]  # colocated, one per GPU
+    servers = [len(place(nodes=p.nodes, gpus_per_node=HW.gpus_per_node, tp=p.cfg.parallel.tp,
+                         sglang_tp=p.cfg.rollout.sglang.tp).servers) for p in points]
+    assert servers == [4, 8, 8]  # colocated, the default servers_per_node=0 fills every GPU
     reasons = {s.name: s.reason for s in skipped}
     assert reasons["t-n1-tp3-pp1-cp1"] == "tp*pp*cp=3 does not divide 4 GPUs"
     assert reasons["t-n2-tp3-pp1-cp1"] == "tp*pp*cp=3 does not divide 8 GPUs"

@@ -58,7 +58,7 @@ def test_commands_follow_sglang_and_router_clis():
 
 
 def test_launch_fails_fast_with_the_log_of_a_dying_server(tmp_path):
-    cfg = SGLangConfig(num_servers=1, port_base=_free_port())
+    cfg = SGLangConfig(servers_per_node=1, port_base=_free_port())
     with pytest.raises(RolloutError, match=r"(?s)sglang-server-0 exited with code 3 .*boom"):
         launch_server_group("unused", cfg, log_dir=tmp_path, startup_timeout_s=60,
                             server_cmd=lambda port, gpu: [sys.executable, "-c",
@@ -67,7 +67,7 @@ def test_launch_fails_fast_with_the_log_of_a_dying_server(tmp_path):
 
 @pytest.mark.skipif(not HAS_ROUTER, reason="sglang-router is not installed")
 def test_real_router_over_two_fake_servers_and_nccl_path_on_gloo(model_dir, tmp_path):
-    cfg = SGLangConfig(num_servers=2, port_base=_free_port(), router_port=_free_port(),
+    cfg = SGLangConfig(servers_per_node=2, port_base=_free_port(), router_port=_free_port(),
                        request_timeout_s=60, max_retries=1, max_concurrency=4)
     group = launch_server_group(str(model_dir), cfg, log_dir=tmp_path, startup_timeout_s=240,
                                 port_stride=1, server_cmd=_fake_cmd(model_dir))

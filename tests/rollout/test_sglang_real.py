@@ -51,7 +51,7 @@ def model_dir(tmp_path_factory):
 def engine(model_dir, tmp_path_factory):
     from delta_megatron.rollout.sglang_engine import SGLangEngine
 
-    cfg = SGLangConfig(num_servers=1, tp=1, mem_fraction=0.3, port_base=_free_port(),
+    cfg = SGLangConfig(servers_per_node=1, tp=1, mem_fraction=0.3, port_base=_free_port(),
                        router_port=_free_port(), request_timeout_s=300,
                        extra_args=["--skip-tokenizer-init", "--dtype", "float32",
                                    "--disable-cuda-graph", "--disable-radix-cache"])

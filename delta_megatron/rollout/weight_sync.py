@@ -110,17 +110,34 @@ def _patch_reductions() -> None:
 def serialize_named_tensors(obj: Any) -> str:
     """``MultiprocessingSerializer.serialize(obj, output_str=True)``: ForkingPickler + base64.
 
-    CUDA tensors travel as IPC handles and CPU tensors as shared-memory file descriptors, so the
-    sender must keep ``obj`` alive until the receiver has loaded it (our HTTP call is synchronous).
+    CUDA tensors travel as IPC handles (no copy), so the sender must keep ``obj`` alive until the
+    receiver has loaded it (our HTTP call is synchronous). CPU tensors (CPU runs and tests) travel by
+    value: a CPU shared-memory handle only opens in a process that shares the sender's
+    multiprocessing authkey, which an independently started server does not.
     """
     from multiprocessing.reduction import ForkingPickler
 
     import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
 
-    _patch_reductions()
     buf = io.BytesIO()
-    ForkingPickler(buf).dump(obj)
+    if _has_cuda_tensor(obj):
+        _patch_reductions()
+        ForkingPickler(buf).dump(obj)
+    else:
+        import pickle
+
+        pickle.dump(obj, buf, protocol=pickle.HIGHEST_PROTOCOL)
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _has_cuda_tensor(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.is_cuda
+    if isinstance(obj, (list, tuple)):
+        return any(_has_cuda_tensor(x) for x in obj)
+    if isinstance(obj, dict):
+        return any(_has_cuda_tensor(x) for x in obj.values())
+    return False
 
 
 def deserialize_named_tensors(data: str | bytes) -> Any:

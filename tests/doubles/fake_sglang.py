@@ -12,6 +12,11 @@ tag; success answers JSON ``null``, a failure 400 ``{"error": {"message"}}`` as 
 ``/model_info`` and ``/server_info`` spellings ``sglang_router`` 0.3 asks workers for), so the real
 ``sglang_router`` can route to it. Generation is an :class:`EmbeddedEngine` on the given model.
 
+Every request body is checked against the request dataclasses of the pinned SGLang release
+(:mod:`tests.doubles.sglang_schema`): a field the real dataclass lacks, a missing required field or an
+unknown sampling parameter is answered 400 with the reason (the real server would drop an unknown
+field silently), so every client test also holds the client to SGLang's contract.
+
 Test knobs: ``latency_s``, ``fail_next(path, n, status)`` (500s), ``hang_next(path, n)`` (for
 timeouts), ``gate_generate`` (hold generations until ``open_gate()`` or an abort). It binds 127.0.0.1
 only, bounds concurrent handlers, and stops by itself after ``max_lifetime_s``.
@@ -35,6 +40,7 @@ import torch
 from delta_megatron.rollout.embedded import EmbeddedEngine
 from delta_megatron.rollout.engine import GenerateRequest, SamplingParams
 from delta_megatron.rollout.weight_sync import deserialize_named_tensors, init_custom_process_group
+from tests.doubles.sglang_schema import check_body
 
 __all__ = ["FakeSGLangServer"]
 
@@ -198,6 +204,9 @@ class FakeSGLangServer:
             self.requests.append({"method": method, "path": path, "body": body})
             fault = self._faults[path].pop(0) if self._faults.get(path) else None
             self._cv.notify_all()
+        problem = None if path.startswith("/_fake/") else check_body(path, body)
+        if problem is not None:
+            return _error(400, f"contract: {problem}")
         if fault is not None and fault[0] == "hang":
             self._stop.wait()
             return _Reply(503, {"detail": "server stopped"})
@@ -234,7 +243,8 @@ class FakeSGLangServer:
                 return {k: short(x) for k, x in v.items()}
             return v
         with self._cv:
-            return _Reply(200, [{"path": r["path"], "body": short(r["body"])} for r in self.requests
+            return _Reply(200, [{"method": r["method"], "path": r["path"], "body": short(r["body"])}
+                                for r in self.requests
                                 if r["path"] != "/_fake/requests"])
 
     # ------------------------------------------------------------------ generation

@@ -5,7 +5,6 @@ tokenizer, datasets, prompt encoder, reward, rollout engine, actor. Keeping cons
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +93,8 @@ def build_reward(cfg: Config):
 
 
 def engine_on_own_nodes(cfg: Config) -> bool:
-    """SGLang servers the launcher started on nodes of their own (a heterogeneous job)."""
-    return cfg.rollout.engine == "sglang" and bool(os.environ.get("DELTA_MEGATRON_SGLANG_ROUTER"))
+    """SGLang servers on nodes of their own (``rollout.placement: disaggregated``)."""
+    return cfg.rollout.engine == "sglang" and cfg.rollout.placement == "disaggregated"
 
 
 def build_ledger(cfg: Config, gpus: int):
@@ -106,29 +105,27 @@ def build_ledger(cfg: Config, gpus: int):
 
     hbm = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
         if torch.cuda.is_available() else 0.0
-    return memory_ledger(cfg, gpus=gpus, hbm_bytes=hbm, rollout_nodes=int(engine_on_own_nodes(cfg)))
+    return memory_ledger(cfg, gpus=gpus, hbm_bytes=hbm,
+                         rollout_nodes=cfg.rollout.nodes if engine_on_own_nodes(cfg) else 0)
 
 
-def build_engine(cfg: Config, tokenizer: Any):
-    """The rollout engine of ``rollout.engine`` (embedded: an HF model of the same architecture)."""
+def build_rollout(cfg: Config, tokenizer: Any, groups: Any, out_dir: str | Path):
+    """Collective: this rank's rollout pieces (``RolloutRuntime``: generation engine, weight route,
+    servers it started) for ``rollout.engine`` and ``rollout.placement`` (embedded: an HF model of the
+    same architecture on rank 0)."""
     from delta_megatron.rollout import make_engine
+    from delta_megatron.rollout.placement import build_rollout_runtime
 
-    if cfg.rollout.engine == "embedded":
+    def embedded():
         from delta_megatron.models.hf_config import build_hf_model
 
         return make_engine(cfg.rollout, model=build_hf_model(cfg.model, seed=cfg.train.seed),
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                            seed=cfg.train.seed)
-    router = os.environ.get("DELTA_MEGATRON_SGLANG_ROUTER")
-    if router:  # heterogeneous job: the launcher started servers + router on their own nodes
-        from delta_megatron.rollout.sglang_server import wait_healthy
 
-        wait_healthy(router, timeout_s=cfg.rollout.sglang.request_timeout_s)
-        return make_engine(cfg.rollout, router_url=router, context_len=cfg.model.max_position_embeddings)
-    if cfg.model.hf_path is None:
-        raise ValueError("rollout.engine: 'sglang' — SGLang servers start from an HF checkpoint; "
-                         "set model.hf_path")
-    return make_engine(cfg.rollout, model_path=cfg.model.hf_path, context_len=cfg.model.max_position_embeddings)
+    return build_rollout_runtime(cfg.rollout, cfg.parallel, groups, model_path=cfg.model.hf_path,
+                                 log_dir=out_dir, embedded=embedded,
+                                 context_len=cfg.model.max_position_embeddings)
 
 
 def build_actor(cfg: Config, groups: Any = None, total_optimizer_steps: int | None = None):

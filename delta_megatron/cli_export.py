@@ -92,6 +92,8 @@ def _write_stage_shards(models, cfg: ModelConfig, tmp: Path, pp_rank: int,
 
     for k, bucket in enumerate(megatron_to_hf(models, cfg, bucket_bytes=max_shard_bytes,
                                               dtype=dtype)):
+        if not bucket:  # TP ranks other than 0 take part in the gathers and get empty buckets
+            continue
         save_file(dict(bucket), str(tmp / f"part-{pp_rank:03d}-{k:05d}.safetensors"),
                   metadata={"format": "pt"})
 

@@ -208,10 +208,12 @@ def place(*, nodes: int, gpus_per_node: int, tp: int = 1, pp: int = 1, cp: int =
     sync_ports = {sync_port_base + s for s in range(pp)} if sync == "distributed" else set()
     if len(server_ports) != per_node or port_stride < 1:
         _fail("rollout.sglang.port_stride", port_stride, "must be >= 1")
-    if router_port in server_ports:
+    router_ports = {router_port, router_port + 1}  # the router and its Prometheus exporter
+    if router_ports & server_ports:
         _fail("rollout.sglang.router_port", router_port,
-              f"collides with a server port ({port_base} + i*{port_stride}, i < {per_node})")
-    if sync_ports & (server_ports | {router_port}):
+              f"router_port or router_port + 1 (metrics) collides with a server port ({port_base} + i*{port_stride}, "
+              f"i < {per_node})")
+    if sync_ports & (server_ports | router_ports):
         _fail("rollout.sglang.sync_port_base", sync_port_base,
               "sync_port_base + stage collides with a server or router port")
 

@@ -36,7 +36,6 @@ from delta_megatron.memory_ledger import LIFECYCLE_PHASE
 from delta_megatron.parallel import broadcast_object, get_groups
 from delta_megatron.rollout.engine import SamplingParams
 from delta_megatron.rollout.requests import requests_for, samples_to_batch, step_seed, text_generator
-from delta_megatron.rollout.weight_sync import sync_actor_weights
 from delta_megatron.tracking import MetricsLogger, progress
 from delta_megatron.utils.job_clock import job_end_time
 from delta_megatron.utils.preemption import Preemption
@@ -86,7 +85,8 @@ class Trainer:
         self.train_set, self.eval_sets = builders.build_datasets(cfg, self.encode)  # long prompts dropped
         self.prompts = PromptStream(self.train_set, cfg.train.prompts_per_step, seed=cfg.data.shuffle_seed)
         self.reward = builders.build_reward(cfg) if self.rank0 else None  # scoring happens on rank 0
-        self.engine = builders.build_engine(cfg, self.tokenizer) if self.rank0 else None
+        self.rollout_runtime = builders.build_rollout(cfg, self.tokenizer, self.groups, self.out)
+        self.engine = self.rollout_runtime.engine  # generates on rank 0
         self.actor = builders.build_actor(cfg, self.groups)
         self.decode_tokens = tokenizer_decoder(self.tokenizer)  # per-token strings
         self.credit = CreditPipeline(cfg.credit, CreditContext(decode=self.decode_tokens,
@@ -250,7 +250,8 @@ class Trainer:
         return batch
 
     def sync_weights(self) -> int:
-        return sync_actor_weights(self.actor, self.engine, self.cfg.rollout.sglang.sync_bucket_mb << 20)
+        """Every pipeline stage streams its layers to the engine along the placement's route."""
+        return self.rollout_runtime.sync_weights(self.actor)
 
     # ------------------------------------------------------------------ metrics, eval, checkpoints
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
@@ -387,7 +388,7 @@ class Trainer:
     def close(self) -> None:
         self.preemption.uninstall()
         self.log.close()
-        for closeable in (self.reward, self.engine):
+        for closeable in (self.reward, self.rollout_runtime):
             if closeable is not None and hasattr(closeable, "close"):
                 closeable.close()
 

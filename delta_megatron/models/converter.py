@@ -169,15 +169,18 @@ def megatron_to_hf(models, cfg: ModelConfig, *, bucket_bytes: int = 512 << 20, t
                    dtype: torch.dtype | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Stream this pipeline stage's weights as HF ``(name, tensor)`` buckets of ~``bucket_bytes``.
 
-    Collective over the TP group: every TP rank of the stage must iterate the generator; the
-    buckets appear on TP rank 0 only (the stage's sender) — other ranks iterate an empty stream.
-    Layers carry global indices; each PP stage emits its own layers (one sender per stage), and
-    one data-parallel replica suffices (other replicas need not call this). ``dtype`` casts the
-    emitted tensors (e.g. bf16 for a rollout engine); default: as stored.
+    Collective over the TP group: every TP rank of the stage must iterate the generator. The buckets
+    appear on TP rank 0 only (the stage's sender); the other TP ranks get an empty list at the same
+    points — bucket boundaries come from parameter shapes alone, so a caller can run one more
+    collective per bucket in step on every TP rank. Only one bucket is alive at a time. Layers carry
+    global indices; each PP stage emits its own layers (one sender per stage), and one data-parallel
+    replica suffices (other replicas need not call this). ``dtype`` casts the emitted tensors (e.g.
+    bf16 for a rollout engine); default: as stored.
     """
     if not isinstance(models, (list, tuple)):
         models = [models]
     group = tp_group if tp_group is not None else _default_tp_group()
+    tp = dist.get_world_size(group) if group is not None else 1
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for chunk in models:
@@ -185,16 +188,17 @@ def megatron_to_hf(models, cfg: ModelConfig, *, bucket_bytes: int = 512 << 20, t
             if not exported:
                 continue
             shards = _gather(param.detach(), group, kind)
-            if shards is None:
-                continue
-            for name, tensor in zip(hf_names, merge_shards(kind, shards, cfg)):
-                tensor = tensor.to(dtype) if dtype is not None else tensor.clone()
+            size += param.numel() * (1 if kind == "rep" else tp) * (dtype or param.dtype).itemsize
+            for name, tensor in zip(hf_names, merge_shards(kind, shards, cfg) if shards is not None else ()):
+                if dtype is not None:
+                    tensor = tensor.to(dtype)
+                if tensor.untyped_storage().data_ptr() == param.untyped_storage().data_ptr():
+                    tensor = tensor.clone()  # a replicated weight: never hand out the parameter itself
                 bucket.append((name, tensor.contiguous()))
-                size += tensor.numel() * tensor.element_size()
             if size >= bucket_bytes:
                 yield bucket
                 bucket, size = [], 0
-    if bucket:
+    if size:
         yield bucket
 
 

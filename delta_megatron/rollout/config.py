@@ -43,6 +43,9 @@ class SGLangConfig(Section):
     check_weights: bool = option(False, "after each sync, compare sampled server weights with the actor's")
     memory_saver: bool = option(True, "start servers with --enable-memory-saver, so a colocated run can "
                                       "release and resume their weights and KV pool (memory.colocate)")
+    startup_timeout_s: float = option(900.0, "seconds a server or the router may take to answer /health", gt=0)
+    server_module: str = option("sglang.launch_server", "python -m MODULE starts one server with SGLang's "
+                                                        "CLI (tests: tests.doubles.fake_sglang)")
     extra_args: list[str] = option(doc="extra command-line arguments of sglang.launch_server",
                                    default_factory=list)
 

@@ -50,7 +50,7 @@ from delta_megatron.rollout.engine import (
     sample_slots,
     weight_update_window,
 )
-from delta_megatron.rollout.weight_sync import WeightSync, load_from_disk, make_weight_sync
+from delta_megatron.rollout.weight_sync import NoWeightSync, WeightSync, load_from_disk, make_weight_sync
 
 __all__ = ["SGLangEngine"]
 
@@ -75,8 +75,8 @@ class SGLangEngine:
 
     ``router_url`` may be ``None`` to round-robin over ``worker_urls`` without a router.
     ``config`` is an :class:`~delta_megatron.rollout.config.SGLangConfig`; ``weight_sync`` defaults to the
-    strategy it names (``ipc``; ``nccl``/``disk`` need addresses, build them with
-    :func:`~delta_megatron.rollout.weight_sync.make_weight_sync`). ``pause_mode`` is SGLang's
+    strategy it names (``ipc``; ``distributed``/``disk`` need addresses: the trainer's weight route
+    builds them from the placement, see :mod:`~delta_megatron.rollout.placement`). ``pause_mode`` is SGLang's
     ``/pause_generation`` mode: ``abort`` (in-flight samples return partial), ``retract`` or
     ``in_place``. Extra keyword arguments are accepted and ignored.
     """
@@ -98,7 +98,10 @@ class SGLangEngine:
         self.control_timeout_s = control_timeout_s or cfg.request_timeout_s
         self.health_interval_s = cfg.health_interval_s
         self.context_len = context_len  # the model's max_position_embeddings: generation stops there
-        self.weight_sync = weight_sync if weight_sync is not None else make_weight_sync(cfg)
+        if weight_sync is None:  # distributed / disk senders are built by the trainer's weight route
+            weight_sync = (make_weight_sync(cfg) if cfg.weight_sync in ("auto", "ipc")
+                           else NoWeightSync(f"weight_sync={cfg.weight_sync}: pushed by the weight route"))
+        self.weight_sync = weight_sync
         self.pause_mode = pause_mode
         self.check_weights_after_sync = cfg.check_weights if check_weights is None else check_weights
         self.check_truncate, self.check_atol = check_truncate, check_atol
@@ -416,12 +419,22 @@ class SGLangEngine:
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                      version: int | None = None) -> int:
         """Push without a pause window: a pipeline stage's sender while another rank holds the
-        window (``weight_update_window(engine)`` around all stages' pushes). Returns bytes sent."""
-        return self.weight_sync.push(self, named_tensors, version or self.weight_version + 1)
+        window (``weight_update_window(engine)`` around all stages' pushes). With
+        ``check_weights`` the pushed tensors are then compared with the servers'. Returns bytes sent."""
+        probe: dict[str, torch.Tensor] = {}
+        stream = self._probe(named_tensors, probe) if self.check_weights_after_sync else named_tensors
+        sent = self.weight_sync.push(self, stream, version or self.weight_version + 1)
+        if probe:
+            self.check_weights(probe.items())
+        return sent
+
+    def probe_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of ``tensor`` that ``check_weights`` compares (a copy)."""
+        return tensor.detach()[: self.check_truncate].float().cpu().clone()
 
     def _probe(self, named_tensors, probe: dict[str, torch.Tensor]) -> Iterator:
         for name, tensor in named_tensors:  # keep the rows check_weights reads, not whole tensors
-            probe[name] = tensor.detach()[: self.check_truncate].float().cpu().clone()
+            probe[name] = self.probe_rows(tensor)
             yield name, tensor
 
     def update_weights_from_disk(self, path: str | Path) -> None:

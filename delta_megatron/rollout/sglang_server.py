@@ -1,9 +1,10 @@
 """Launching SGLang servers and ``sglang_router`` as child processes, and waiting until they serve.
 
-``launch_server_group`` starts ``servers_per_node`` × ``python -m sglang.launch_server`` (GPUs
-``i*tp .. i*tp+tp-1`` via ``--base-gpu-id``), waits for each ``/health``, then starts
-``python -m sglang_router.launch_router --worker-urls ...`` and waits until the router lists every
-worker as healthy. Each child runs in its own session with its log in ``log_dir``; a child that exits
+``launch_servers`` starts one ``python -m sglang.launch_server`` per
+:class:`~delta_megatron.topology.ServerSlot` (its GPUs via ``--base-gpu-id``, bound to its node's
+address) and waits for each ``/health``; ``launch_router`` starts ``python -m
+sglang_router.launch_router --worker-urls ...`` and waits until the router lists every worker as
+healthy. ``launch_server_group`` does both for one node (the servers of ``servers_per_node``). Each child runs in its own session with its log in ``log_dir``; a child that exits
 during start-up fails the launch at once with the tail of its log, and everything already started is
 stopped. On a cluster where servers are started by Slurm instead, skip this module and give their
 URLs to :class:`~delta_megatron.rollout.sglang_engine.SGLangEngine` directly.
@@ -28,14 +29,16 @@ from urllib.parse import urlsplit
 from delta_megatron.rollout.engine import RolloutError
 
 __all__ = ["ManagedProcess", "ServerGroup", "server_command", "router_command", "start_process",
-           "wait_healthy", "launch_server_group"]
+           "wait_healthy", "launch_servers", "launch_router", "launch_server_group"]
 
 
 def server_command(model_path: str, port: int, cfg, *, host: str = "127.0.0.1",
                    base_gpu_id: int = 0, python: str = sys.executable) -> list[str]:
-    """``python -m sglang.launch_server`` for one server of ``cfg`` (an SGLangConfig)."""
-    return [python, "-m", "sglang.launch_server", "--model-path", str(model_path),
-            "--host", host, "--port", str(port), "--tp-size", str(cfg.tp),
+    """``python -m <cfg.server_module>`` (``sglang.launch_server``) for one server of ``cfg`` (an
+    SGLangConfig); DP attention adds ``--dp-size N --enable-dp-attention``."""
+    dp = ["--dp-size", str(cfg.dp_attention), "--enable-dp-attention"] if cfg.dp_attention > 1 else []
+    return [python, "-m", cfg.server_module, "--model-path", str(model_path),
+            "--host", host, "--port", str(port), "--tp-size", str(cfg.tp), *dp,
             "--mem-fraction-static", str(cfg.mem_fraction), "--base-gpu-id", str(base_gpu_id),
             *(["--enable-memory-saver"] if cfg.memory_saver else []), *cfg.extra_args]
 
@@ -43,9 +46,12 @@ def server_command(model_path: str, port: int, cfg, *, host: str = "127.0.0.1",
 def router_command(worker_urls: Sequence[str], port: int, *, host: str = "127.0.0.1",
                    policy: str = "cache_aware", python: str = sys.executable,
                    extra_args: Sequence[str] = ()) -> list[str]:
-    """``python -m sglang_router.launch_router --worker-urls ...`` (sglang-router >= 0.2)."""
+    """``python -m sglang_router.launch_router --worker-urls ...`` (sglang-router >= 0.2). Its
+    Prometheus exporter goes to ``port + 1`` on the same host: by default it takes 29000 on every
+    interface, the router's own default port."""
     return [python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls,
-            "--host", host, "--port", str(port), "--policy", policy, *extra_args]
+            "--host", host, "--port", str(port), "--policy", policy,
+            "--prometheus-host", host, "--prometheus-port", str(port + 1), *extra_args]
 
 
 @dataclass
@@ -175,34 +181,66 @@ class ServerGroup:
         self.close()
 
 
-def launch_server_group(model_path: str, cfg, *, host: str = "127.0.0.1",
-                        log_dir: str | Path | None = None, startup_timeout_s: float = 900.0,
-                        router: bool = True, router_policy: str = "cache_aware",
-                        port_stride: int = 10,
-                        server_cmd: Callable[[int, int], list[str]] | None = None,
-                        env: dict[str, str] | None = None) -> ServerGroup:
-    """Start ``cfg.servers_per_node`` (at least one) servers on ``cfg.port_base + i*port_stride`` and a router on
-    ``cfg.router_port``; returns once all serve. ``server_cmd(port, base_gpu_id)`` replaces the
-    SGLang command (tests start :mod:`~tests.doubles.fake_sglang` servers this way)."""
-    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="dm-sglang-"))
+def launch_servers(model_path: str, cfg, slots, *, log_dir: str | Path,
+                   startup_timeout_s: float = 900.0, env: dict[str, str] | None = None,
+                   server_cmd: Callable[[int, int], list[str]] | None = None) -> ServerGroup:
+    """Start one server per slot (``ServerSlot``: host, port, GPUs) in parallel and wait until each
+    serves; on any failure everything started is stopped."""
     group = ServerGroup()
     try:
-        for i in range(cfg.servers_per_node or 1):
-            port = cfg.port_base + i * port_stride
-            cmd = (server_cmd(port, i * cfg.tp) if server_cmd is not None
-                   else server_command(model_path, port, cfg, host=host, base_gpu_id=i * cfg.tp))
-            group.servers.append(start_process(f"sglang-server-{i}", cmd, log_dir, env))
-            group.worker_urls.append(f"http://{host}:{port}")
+        for slot in slots:
+            cmd = (server_cmd(slot.port, slot.base_gpu_id) if server_cmd is not None
+                   else server_command(model_path, slot.port, cfg, host=slot.host, base_gpu_id=slot.base_gpu_id))
+            group.servers.append(start_process(f"sglang-server-{slot.node}-{slot.index}", cmd, log_dir, env))
+            group.worker_urls.append(slot.url)
         for url, proc in zip(group.worker_urls, group.servers):  # they start in parallel
             wait_healthy(url, timeout_s=startup_timeout_s, process=proc)
-        if router:
-            group.router = start_process(
-                "sglang-router", router_command(group.worker_urls, cfg.router_port, host=host,
-                                                policy=router_policy), log_dir, env)
-            group.router_url = f"http://{host}:{cfg.router_port}"
-            wait_healthy(group.router_url, timeout_s=min(startup_timeout_s, 300.0),
-                         process=group.router, poll_s=0.5, expect_workers=len(group.worker_urls))
     except BaseException:
         group.close()
         raise
+    return group
+
+
+def launch_router(worker_urls: Sequence[str], *, host: str, port: int, log_dir: str | Path,
+                  startup_timeout_s: float = 300.0, policy: str = "cache_aware",
+                  env: dict[str, str] | None = None) -> ManagedProcess:
+    """Start ``sglang_router`` over ``worker_urls`` on ``host:port``; wait until all are healthy."""
+    proc = start_process("sglang-router", router_command(worker_urls, port, host=host, policy=policy),
+                         log_dir, env)
+    try:
+        wait_healthy(f"http://{host}:{port}", timeout_s=startup_timeout_s, process=proc, poll_s=0.5,
+                     expect_workers=len(worker_urls))
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def launch_server_group(model_path: str, cfg, *, host: str = "127.0.0.1",
+                        log_dir: str | Path | None = None, startup_timeout_s: float = 900.0,
+                        router: bool = True, router_policy: str = "cache_aware",
+                        port_stride: int | None = None,
+                        server_cmd: Callable[[int, int], list[str]] | None = None,
+                        env: dict[str, str] | None = None) -> ServerGroup:
+    """One node: ``cfg.servers_per_node`` servers (at least one) on ``cfg.port_base + i*port_stride``
+    and a router on ``cfg.router_port``; returns once all serve. ``server_cmd(port, base_gpu_id)``
+    replaces the SGLang command (tests start :mod:`~tests.doubles.fake_sglang` servers this way)."""
+    from delta_megatron.topology import ServerSlot
+
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="dm-sglang-"))
+    stride = port_stride or cfg.port_stride
+    slots = [ServerSlot(node=0, index=i, gpu_ids=tuple(range(i * cfg.tp, (i + 1) * cfg.tp)), host=host,
+                        port=cfg.port_base + i * stride, dp_attention=cfg.dp_attention, launcher_rank=0)
+             for i in range(cfg.servers_per_node or 1)]
+    group = launch_servers(model_path, cfg, slots, log_dir=log_dir, startup_timeout_s=startup_timeout_s,
+                           env=env, server_cmd=server_cmd)
+    if router:
+        try:
+            group.router = launch_router(group.worker_urls, host=host, port=cfg.router_port, log_dir=log_dir,
+                                         startup_timeout_s=min(startup_timeout_s, 300.0), policy=router_policy,
+                                         env=env)
+        except BaseException:
+            group.close()
+            raise
+        group.router_url = f"http://{host}:{cfg.router_port}"
     return group

@@ -37,7 +37,7 @@ from delta_megatron.rollout.engine import WeightSyncError
 __all__ = [
     "Workers", "WeightSync", "TensorSync", "DistributedSync", "DiskSync", "iter_buckets",
     "iter_safetensors", "serialize_named_tensors", "deserialize_named_tensors",
-    "init_custom_process_group", "make_weight_sync", "sync_actor_weights",
+    "init_custom_process_group", "make_weight_sync", "NoWeightSync",
 ]
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -193,27 +193,23 @@ class TensorSync:
 
 def init_custom_process_group(backend: str, init_method: str, world_size: int, rank: int,
                               group_name: str, timeout: timedelta = timedelta(minutes=10)):
-    """A process group outside the default one (trainer rank 0 + every server TP rank).
+    """A process group outside the default one (a stage's sender + every server TP rank).
 
-    Uses SGLang's own helper when importable, so both ends build the group identically; otherwise the
-    same recipe (TCP rendezvous → ``PrefixStore(group_name)`` → ``_new_process_group_helper``), the one
-    SGLang, vLLM and slime share — a private torch API, the only way to make a second group that does
-    not include the default group's ranks.
+    SGLang's recipe (``init_custom_process_group`` in ``sglang.srt.utils``, shared by vLLM and slime):
+    a TCP store at ``init_method`` (rank 0 hosts it) → ``PrefixStore(group_name)`` →
+    ``_new_process_group_helper`` — a private torch API, the only way to make a second group that does
+    not include the default group's ranks. The store is built here rather than by ``rendezvous()``:
+    under torchrun (``TORCHELASTIC_USE_AGENT_STORE``) that would join the launcher's store instead
+    of hosting the group's own, and the sender would wait for a store nobody serves.
     """
-    try:
-        from sglang.srt.utils import init_custom_process_group as sglang_init
-    except ImportError:
-        sglang_init = None
-    if sglang_init is not None:
-        return sglang_init(backend=backend, init_method=init_method, world_size=world_size,
-                           rank=rank, group_name=group_name, timeout=timeout)
     import inspect
+    from urllib.parse import urlsplit
 
+    from torch.distributed import TCPStore
     from torch.distributed import distributed_c10d as c10d
-    from torch.distributed.rendezvous import rendezvous
 
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    where = urlsplit(init_method)
+    store = TCPStore(where.hostname, where.port, world_size, is_master=rank == 0, timeout=timeout)
     store = c10d.PrefixStore(group_name, store)
     params = inspect.signature(c10d._new_process_group_helper).parameters
     options = {"backend_options" if "backend_options" in params else "pg_options": None}
@@ -357,34 +353,33 @@ def load_from_disk(workers: Workers, path: str | Path, version: int) -> None:
     _check_results("/update_weights_from_disk", workers.post_all("/update_weights_from_disk", payload))
 
 
+class NoWeightSync:
+    """The strategy of an engine that only generates: the trainer's weight route
+    (:mod:`~delta_megatron.rollout.weight_route`) moves the weights, through other clients."""
+
+    name = "none"
+
+    def __init__(self, reason: str = "this engine does not push weights"):
+        self.reason = reason
+
+    def push(self, workers: Workers, named_tensors: NamedTensors, version: int) -> int:
+        raise WeightSyncError(self.reason)
+
+    def close(self, workers: Workers) -> None:
+        pass
+
+
 def make_weight_sync(cfg, *, master_address: str = "127.0.0.1", master_port: int = 0,
                      pp_rank: int = 0, disk_dir: str | Path | None = None,
-                     base_model_path: str | Path | None = None) -> WeightSync:
+                     base_model_path: str | Path | None = None, backend: str = "nccl") -> WeightSync:
     """The strategy ``SGLangConfig.weight_sync`` names ("auto"/"ipc" | "distributed" | "disk")."""
     if cfg.weight_sync in ("auto", "ipc"):
         return TensorSync(cfg.sync_bucket_mb, tp_size=cfg.tp)
     if cfg.weight_sync == "distributed":
         if not master_port:
             raise ValueError("weight_sync=distributed needs master_port (a free port on the sender's host)")
-        return DistributedSync(master_address, master_port, tp_size=cfg.tp, pp_rank=pp_rank,
-                               bucket_mb=cfg.sync_bucket_mb)
+        return DistributedSync(master_address, master_port, tp_size=cfg.tp, pp_rank=pp_rank, backend=backend,
+                               bucket_mb=cfg.sync_bucket_mb, timeout_s=cfg.request_timeout_s)
     if disk_dir is None:
         raise ValueError("weight_sync=disk needs disk_dir (a directory every server can read)")
     return DiskSync(disk_dir, base_model_path)
-
-
-def sync_actor_weights(actor: Any, engine: Any, bucket_bytes: int = 512 << 20) -> int:
-    """Actor → engine through the one HF-name converter. The embedded engine lives on rank 0; every
-    rank takes part in the export (TP gathers), and pipeline stages' senders ship to rank 0."""
-    import torch.distributed as dist
-
-    buckets = [list(b) for b in actor.named_hf_weights(bucket_bytes)]
-    if dist.is_initialized() and dist.get_world_size() > 1 and actor.groups.pp_size > 1:
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(buckets, gathered, dst=0)
-        buckets = [b for part in (gathered or []) for b in part]
-    if engine is None:
-        return 0
-    named = [item for bucket in buckets for item in bucket]
-    engine.update_weights(named)  # one strict update: every engine weight, nothing unknown
-    return len(named)

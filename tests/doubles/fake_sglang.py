@@ -18,8 +18,9 @@ unknown sampling parameter is answered 400 with the reason (the real server woul
 field silently), so every client test also holds the client to SGLang's contract.
 
 Test knobs: ``latency_s``, ``fail_next(path, n, status)`` (500s), ``hang_next(path, n)`` (for
-timeouts), ``gate_generate`` (hold generations until ``open_gate()`` or an abort). It binds 127.0.0.1
-only, bounds concurrent handlers, and stops by itself after ``max_lifetime_s``.
+timeouts), ``gate_generate`` (hold generations until ``open_gate()`` or an abort). It binds the one
+address it is given (127.0.0.1 by default; a cluster test's node address), bounds concurrent handlers,
+and stops by itself after ``max_lifetime_s``.
 
 Run standalone (e.g. as a drop-in for a launch test)::
 
@@ -59,14 +60,14 @@ def _error(status: int, message: str) -> _Reply:  # SGLang's ErrorResponse shape
 
 
 class FakeSGLangServer:
-    """One fake SGLang server (TP 1) on 127.0.0.1; use as a context manager or ``start``/``stop``."""
+    """One fake SGLang server (TP 1) on ``host``; use as a context manager or ``start``/``stop``."""
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, eos_token_id=None, *,
-                 port: int = 0, model_path: str = "fake-model", tp_size: int = 1,
+                 port: int = 0, host: str = "127.0.0.1", model_path: str = "fake-model", tp_size: int = 1,
                  max_lifetime_s: float = 300.0, max_concurrency: int = 32, latency_s: float = 0.0,
                  gate_generate: bool = False):
         self.engine = EmbeddedEngine(model, pad_token_id, eos_token_id, batch_size=64)
-        self.port, self.model_path, self.tp_size = port, model_path, tp_size
+        self.port, self.host, self.model_path, self.tp_size = port, host, model_path, tp_size
         self.max_lifetime_s, self.latency_s = max_lifetime_s, latency_s
         self.requests: list[dict[str, Any]] = []
         self.paused = False
@@ -109,7 +110,7 @@ class FakeSGLangServer:
     # ------------------------------------------------------------------ lifecycle and knobs
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> FakeSGLangServer:
         fake = self
@@ -139,7 +140,7 @@ class FakeSGLangServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._httpd = ThreadingHTTPServer((self.host, self.port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         threading.Thread(target=self._httpd.serve_forever, name=f"fake-sglang-{self.port}",
@@ -415,21 +416,26 @@ class FakeSGLangServer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """SGLang's server CLI (``--model-path --host --port``; other SGLang flags are accepted and
+    ignored), so the trainer starts it through ``rollout.sglang.server_module``. Pad / EOS ids come
+    from the model's config unless given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-path", required=True, help="HF checkpoint directory")
     parser.add_argument("--port", type=int, default=30000)
-    parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1"])
-    parser.add_argument("--pad-token-id", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1", help="the node's own address (never 0.0.0.0 in tests)")
+    parser.add_argument("--pad-token-id", type=int, default=None)
     parser.add_argument("--eos-token-id", type=int, default=None)
     parser.add_argument("--max-lifetime-s", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models)")
-    args, _sglang_args = parser.parse_known_args(argv)  # ignore --tp, --mem-fraction-static, ...
+    args, _sglang_args = parser.parse_known_args(argv)  # ignore --tp-size, --mem-fraction-static, ...
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
-    server = FakeSGLangServer(model, args.pad_token_id, args.eos_token_id, port=args.port,
-                              model_path=args.model_path, max_lifetime_s=args.max_lifetime_s).start()
+    pad = args.pad_token_id if args.pad_token_id is not None else (model.config.pad_token_id or 0)
+    eos = args.eos_token_id if args.eos_token_id is not None else model.config.eos_token_id
+    server = FakeSGLangServer(model, pad, eos, port=args.port, host=args.host, model_path=args.model_path,
+                              max_lifetime_s=args.max_lifetime_s).start()
     print(f"FAKE_SGLANG_READY {server.url}", flush=True)
     server._stop.wait()
 

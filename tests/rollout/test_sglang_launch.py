@@ -54,12 +54,13 @@ def test_commands_follow_sglang_and_router_clis():
     assert "--enable-memory-saver" not in server_command("/m", 30010, cfg)
     assert router_command(["http://a:1", "http://b:2"], 29000, python="py") == [
         "py", "-m", "sglang_router.launch_router", "--worker-urls", "http://a:1", "http://b:2",
-        "--host", "127.0.0.1", "--port", "29000", "--policy", "cache_aware"]
+        "--host", "127.0.0.1", "--port", "29000", "--policy", "cache_aware",
+        "--prometheus-host", "127.0.0.1", "--prometheus-port", "29001"]
 
 
 def test_launch_fails_fast_with_the_log_of_a_dying_server(tmp_path):
     cfg = SGLangConfig(servers_per_node=1, port_base=_free_port())
-    with pytest.raises(RolloutError, match=r"(?s)sglang-server-0 exited with code 3 .*boom"):
+    with pytest.raises(RolloutError, match=r"(?s)sglang-server-0-0 exited with code 3 .*boom"):
         launch_server_group("unused", cfg, log_dir=tmp_path, startup_timeout_s=60,
                             server_cmd=lambda port, gpu: [sys.executable, "-c",
                                                           "print('boom'); raise SystemExit(3)"])

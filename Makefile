@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python bench/credit_overhead.py
 	$(BIN)/python bench/actor_step.py
 	$(BIN)/python bench/weight_sync.py
+	$(BIN)/python bench/sync_memory.py
 
 slurm-up:
 	bash slurm/local/setup.sh

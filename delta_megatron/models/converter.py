@@ -164,10 +164,10 @@ def _gather(t: torch.Tensor, group, kind: str) -> list[torch.Tensor] | None:
     return None
 
 
-@torch.no_grad()
 def megatron_to_hf(models, cfg: ModelConfig, *, bucket_bytes: int = 512 << 20, tp_group=None,
                    dtype: torch.dtype | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Stream this pipeline stage's weights as HF ``(name, tensor)`` buckets of ~``bucket_bytes``.
+    """Stream this pipeline stage's weights as HF ``(name, tensor)`` buckets of at most ``bucket_bytes``
+    (a larger single weight forms its own bucket).
 
     Collective over the TP group: every TP rank of the stage must iterate the generator. The buckets
     appear on TP rank 0 only (the stage's sender); the other TP ranks get an empty list at the same
@@ -175,7 +175,9 @@ def megatron_to_hf(models, cfg: ModelConfig, *, bucket_bytes: int = 512 << 20, t
     collective per bucket in step on every TP rank. Only one bucket is alive at a time. Layers carry
     global indices; each PP stage emits its own layers (one sender per stage), and one data-parallel
     replica suffices (other replicas need not call this). ``dtype`` casts the emitted tensors (e.g.
-    bf16 for a rollout engine); default: as stored.
+    bf16 for a rollout engine); default: as stored. (Not wrapped in ``torch.no_grad``: every tensor
+    comes from ``param.detach()``, and torch's generator wrapper would keep the previous bucket alive
+    until the next one is built — two buckets instead of one.)
     """
     if not isinstance(models, (list, tuple)):
         models = [models]
@@ -187,17 +189,19 @@ def megatron_to_hf(models, cfg: ModelConfig, *, bucket_bytes: int = 512 << 20, t
         for _, param, kind, hf_names, exported in hf_param_names(chunk, cfg):
             if not exported:
                 continue
+            nbytes = param.numel() * (1 if kind == "rep" else tp) * (dtype or param.dtype).itemsize
+            if size and size + nbytes > bucket_bytes:  # full: hand it out before gathering more
+                yield bucket
+                bucket, size = [], 0
             shards = _gather(param.detach(), group, kind)
-            size += param.numel() * (1 if kind == "rep" else tp) * (dtype or param.dtype).itemsize
+            size += nbytes
             for name, tensor in zip(hf_names, merge_shards(kind, shards, cfg) if shards is not None else ()):
                 if dtype is not None:
                     tensor = tensor.to(dtype)
                 if tensor.untyped_storage().data_ptr() == param.untyped_storage().data_ptr():
                     tensor = tensor.clone()  # a replicated weight: never hand out the parameter itself
                 bucket.append((name, tensor.contiguous()))
-            if size >= bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
+            del shards
     if size:
         yield bucket
 

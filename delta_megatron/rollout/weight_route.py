@@ -132,6 +132,7 @@ class BroadcastRoute:
                     channel.send(bucket)
                     if self.rank in self.receivers:
                         yield from bucket
+                    del bucket  # not alive while the converter builds the next one
                 channel.send(None)
             elif self.rank in channel.members:
                 for _ in export:  # a TP peer of the sender: its gathers and the broadcasts in step

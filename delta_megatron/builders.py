@@ -128,8 +128,12 @@ def build_rollout(cfg: Config, tokenizer: Any, groups: Any, out_dir: str | Path)
                                  context_len=cfg.model.max_position_embeddings)
 
 
-def build_actor(cfg: Config, groups: Any = None, total_optimizer_steps: int | None = None):
-    """The Megatron actor on this rank's share of the layout (its own view of the config)."""
+def build_actor(cfg: Config, groups: Any = None, total_optimizer_steps: int | None = None,
+                data_sharded: bool = False):
+    """The Megatron actor on this rank's share of the layout (its own view of the config).
+    ``data_sharded``: batches hold this data-parallel replica's samples only (the trainer's
+    :mod:`~delta_megatron.dataflow`), not the whole batch."""
     from delta_megatron.actor.megatron_actor import MegatronActor
 
-    return MegatronActor(cfg.actor_config(), groups, total_optimizer_steps=total_optimizer_steps)
+    return MegatronActor(cfg.actor_config(), groups, total_optimizer_steps=total_optimizer_steps,
+                         data_sharded=data_sharded)

@@ -19,7 +19,6 @@ import torch
 
 from delta_megatron import builders
 from delta_megatron.algo import compute_advantages
-from delta_megatron.algo.dynamic_sampling import collect_informative_groups
 from delta_megatron.algo.overlong import overlong_penalty
 from delta_megatron.batch import RolloutBatch
 from delta_megatron.checkpoint import CheckpointManager, resolve_resume, rng_state, set_rng_state
@@ -31,6 +30,7 @@ from delta_megatron.credit.pipeline import CreditPipeline
 from delta_megatron.credit.token_stats import token_credit_sums
 from delta_megatron.credit_contract import LossPlan
 from delta_megatron.data.sampler import PromptStream
+from delta_megatron.dataflow import DataFlow
 from delta_megatron.lifecycle import Lifecycle
 from delta_megatron.memory_ledger import LIFECYCLE_PHASE
 from delta_megatron.parallel import broadcast_object, get_groups
@@ -84,10 +84,12 @@ class Trainer:
         self.encode = builders.prompt_encoder(cfg, self.tokenizer)
         self.train_set, self.eval_sets = builders.build_datasets(cfg, self.encode)  # long prompts dropped
         self.prompts = PromptStream(self.train_set, cfg.train.prompts_per_step, seed=cfg.data.shuffle_seed)
-        self.reward = builders.build_reward(cfg) if self.rank0 else None  # scoring happens on rank 0
         self.rollout_runtime = builders.build_rollout(cfg, self.tokenizer, self.groups, self.out)
-        self.engine = self.rollout_runtime.engine  # generates on rank 0
-        self.actor = builders.build_actor(cfg, self.groups)
+        self.engine = self.rollout_runtime.engine  # on the ranks that generate (see dataflow.py)
+        self.reward = builders.build_reward(cfg) if self.engine is not None else None  # scored where generated
+        self.actor = builders.build_actor(cfg, self.groups, data_sharded=True)
+        self.flow = DataFlow(self.groups, producer=self.engine is not None, mini_batches=cfg.train.mini_batches,
+                             device=self.actor.device)
         self.decode_tokens = tokenizer_decoder(self.tokenizer)  # per-token strings
         self.credit = CreditPipeline(cfg.credit, CreditContext(decode=self.decode_tokens,
                                                                token_group=self.groups.dp_cp))
@@ -103,7 +105,9 @@ class Trainer:
         self.ledger = builders.build_ledger(cfg, self.groups.world_size)  # the planner's memory model
         self.memory_peaks: dict[str, float] = {}  # CUDA peak of each phase, the last time through
         self._phase_left = "start"
-        self.lifecycle = Lifecycle(cfg.memory, self.actor, self.engine, on_enter=self.log_memory)
+        # rank 0 alone moves the engine's memory (its client reaches every server); the others only the actor
+        self.lifecycle = Lifecycle(cfg.memory, self.actor, self.engine if self.rank0 else None,
+                                   on_enter=self.log_memory)
         self.sync_weights()  # the engine starts from the actor's weights
         self.lifecycle.enter("rollout")
 
@@ -148,6 +152,7 @@ class Trainer:
         if self.cfg.algo.kl.estimator != "none":
             self.actor.ref_logprobs(batch)  # logp_ref for the KL loss
         plan, credit_metrics = self.credit.assign(batch, score_fn=self.actor.score_sequences)
+        credit_metrics = self.flow.credit_metrics(credit_metrics, batch)  # over the whole step batch
         return Work(batch, plan, {**self.rollout_stats, **delta_metrics, **credit_metrics}, t0)
 
     def update(self, step: int, work: Work) -> dict[str, float]:
@@ -201,22 +206,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
     def rollout(self, step: int) -> RolloutBatch:
-        """Sample ``n`` responses per prompt and verify them on rank 0, then give every rank the same
-        batch. With dynamic sampling (DAPO) rounds of new prompts run until enough groups carry signal."""
-        batch, stats = None, {}
-        if self.rank0:
-            ds, want = self.cfg.algo.dynamic_sampling, self.cfg.train.prompts_per_step
-            draw = partial(self._generate, step)
-            batch, stats = collect_informative_groups(draw, want, ds) if ds.enabled else (draw(0, want), {})
-        batch, self.rollout_stats = broadcast_object((batch, stats))
+        """Sample ``n`` responses per prompt where the engines are and verify them there; this rank
+        gets its data-parallel replica's prompt groups only. With dynamic sampling (DAPO) rounds of new
+        prompts run until enough groups carry signal."""
+        batch, self.rollout_stats = self.flow.collect(self.prompts.next, partial(self._generate, step),
+                                                      self.cfg.train.prompts_per_step, self.cfg.algo.dynamic_sampling)
         return batch
 
-    def _generate(self, step: int, round_: int, num_prompts: int) -> RolloutBatch:
-        """``num_prompts`` new prompt groups, sampled (one seed per step and round) and verified."""
-        examples = self.prompts.next(num_prompts)
-        first = round_ * num_prompts
+    def _generate(self, step: int, examples: list, first: int, round_first: int) -> RolloutBatch:
+        """Prompt groups ``first, first+1, …`` for ``examples``, sampled (one seed per step and round:
+        a group's samples do not depend on which rank asks) and verified."""
         params = SamplingParams.from_config(self.cfg.rollout).replace(
-            seed=step_seed(self.cfg.train.seed, step, f"round{first}"))
+            seed=step_seed(self.cfg.train.seed, step, f"round{round_first}"))
         samples = self.engine.generate(requests_for(examples, self.encode, params, step, first))
         batch = samples_to_batch(samples, {first + i: ex for i, ex in enumerate(examples)}, self.tokenizer)
         return self._verify(batch)
@@ -229,7 +230,7 @@ class Trainer:
         value = torch.tensor(rewards, dtype=torch.float32)
         batch.add_sample_field("acc_reward", value)
         batch.add_sample_field("acc", (value > 0).float())
-        batch.sample_meta["verifier_stats"] = [stats.as_metrics("reward/")] * batch.num_seqs
+        batch.sample_meta["verifier_stats"] = [stats] * batch.num_seqs
         return batch
 
     def score(self, batch: RolloutBatch) -> RolloutBatch:
@@ -255,22 +256,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics, eval, checkpoints
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        """Means over the whole step batch: sums and counts of this replica's shard, summed over DP."""
         resp = batch.response_mask
         owned = resp & batch["owned"] if "owned" in batch else resp  # this rank's tokens
-        stats = batch.sample_meta.get("verifier_stats", [{}])[0]
-        out = {
-            "rollout/reward_mean": float(batch["reward"].mean()),
-            "rollout/acc_mean": float(batch["acc"].mean()),
-            "rollout/response_len_mean": float(batch.response_lens.float().mean()),
-            "rollout/truncated_frac": float(batch["truncated"].float().mean()),
-            "rollout/entropy_mean": float(batch["entropy"][owned].mean()) if "entropy" in batch else 0.0,
-            "rollout/num_samples": float(batch.num_seqs),
-            "data/prompts_dropped": float(self.train_set.dropped),  # over rollout.max_prompt_len
-        }
-        out.update(stats)  # verifier counters and rates, already "reward/…"
-        if "logp_rollout" in batch and "logp_old" in batch:  # engine vs actor log-prob mismatch
-            diff = (batch["logp_rollout"][owned] - batch["logp_old"][owned]).abs()
-            out["rollout/logp_abs_diff"] = float(diff.mean()) if diff.numel() else 0.0
+        n, reward, acc, length, truncated = self.flow.dp_sum([
+            batch.num_seqs, float(batch["reward"].sum()), float(batch["acc"].sum()),
+            float(batch.response_lens.sum()), float(batch["truncated"].sum())])
+        diff = (batch["logp_rollout"][owned] - batch["logp_old"][owned]).abs() \
+            if "logp_rollout" in batch and "logp_old" in batch else None  # engine vs actor log-probs
+        ent_sum, ent_n, diff_sum, diff_n = self.flow.dp_sum([
+            float(batch["entropy"][owned].sum()) if "entropy" in batch else 0.0, float(owned.sum()),
+            float(diff.sum()) if diff is not None else 0.0, float(diff.numel()) if diff is not None else 0.0],
+            tokens=True)
+        out = {"rollout/reward_mean": reward / n, "rollout/acc_mean": acc / n,
+               "rollout/response_len_mean": length / n, "rollout/truncated_frac": truncated / n,
+               "rollout/entropy_mean": ent_sum / ent_n if "entropy" in batch and ent_n else 0.0,
+               "rollout/num_samples": n,
+               "data/prompts_dropped": float(self.train_set.dropped)}  # over rollout.max_prompt_len
+        if diff is not None:
+            out["rollout/logp_abs_diff"] = diff_sum / diff_n if diff_n else 0.0
         return out
 
     def record_samples(self, step: int, batch: RolloutBatch, count: int = 8) -> None:
@@ -310,14 +314,10 @@ class Trainer:
         return self.evaluate(step)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        from delta_megatron.eval.evaluate import evaluate
-
-        results = None
-        if self.rank0:  # one seed per evaluation, reproducible across resumes
-            seed = step_seed(self.cfg.train.seed, 10_000_000 + step, "round0")
-            generate = text_generator(self.engine, self.tokenizer, self.encode, lambda _call: seed)
-            results = evaluate(generate, self.eval_sets, self.reward, self.cfg.eval.settings(),
-                               prompt_fn=lambda ex: ex)
+        seed = step_seed(self.cfg.train.seed, 10_000_000 + step, "round0")  # reproducible across resumes
+        results = self.flow.evaluate(  # each generating rank takes a slice of every benchmark
+            lambda: text_generator(self.engine, self.tokenizer, self.encode, lambda _call: seed),
+            self.eval_sets, self.reward, self.cfg.eval.settings())
         metrics = broadcast_object(results.as_metrics() if results is not None else None)
         if self.rank0:
             (self.out / "eval").mkdir(exist_ok=True)
@@ -330,6 +330,7 @@ class Trainer:
 
         def write(path: Path) -> None:
             self.actor.save_checkpoint(path / "actor")
+            torch.save(rng_state(), path / f"rng_rank{self.groups.rank:05d}.pt")  # every rank's own
             if self.rank0:
                 torch.save(state, path / "trainer.pt")
 
@@ -358,7 +359,8 @@ class Trainer:
         state = torch.load(path / "trainer.pt", weights_only=False)
         self.prompts.load_state_dict(state["prompts"])
         self.credit.load_state_dict(state["credit"])
-        set_rng_state(state["rng"])
+        mine = path / f"rng_rank{self.groups.rank:05d}.pt"
+        set_rng_state(torch.load(mine, weights_only=False) if mine.exists() else state["rng"])
         if state.get("work") is not None:
             self.resumed_work[int(state["step"])] = Work.from_state_dict(state["work"], self.credit)
         return int(state["step"])

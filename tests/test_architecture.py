@@ -23,7 +23,7 @@ LAYERS = [
     (1, ["delta_megatron.algo", "delta_megatron.credit", "delta_megatron.reward", "delta_megatron.data"]),
     (2, ["delta_megatron.models", "delta_megatron.actor", "delta_megatron.rollout", "delta_megatron.checkpoint",
          "delta_megatron.eval"]),
-    (3, ["delta_megatron.config", "delta_megatron.builders", "delta_megatron.trainer",
+    (3, ["delta_megatron.config", "delta_megatron.builders", "delta_megatron.trainer", "delta_megatron.dataflow",
          "delta_megatron.planner_model", "delta_megatron.lifecycle",
          "delta_megatron.memory_ledger"]),
     (4, ["delta_megatron.cli", "delta_megatron.cli_eval", "delta_megatron.cli_export", "delta_megatron.cli_config",

@@ -1,8 +1,10 @@
 """The Megatron actor: old-log-prob pass with capture and PPO training, generic in the credit method.
 
-Data layout. Every rank holds the whole RolloutBatch (tokens and per-sample fields are small). The
-batch is cut into PPO mini-batches by prompt group, each mini-batch is split over DP ranks by
-:meth:`RolloutBatch.dp_partition`, and each DP shard into token-budget micro-batches. The old-log-prob
+Data layout. Either every rank holds the whole RolloutBatch, cut into PPO mini-batches by prompt
+group, each mini-batch split over DP ranks by length (:func:`balanced_partition`); or
+(``data_sharded``, the trainer's :mod:`~delta_megatron.dataflow`) a rank holds its replica's prompt
+groups only, each tagged with its mini-batch, and global counts (loss normalisers) are summed over DP.
+Each DP shard is cut into token-budget micro-batches. The old-log-prob
 pass covers a rank's train shards, packed shard by shard like the train pass, so the per-token
 fields it writes (``logp_old``, ``entropy``, observer fields) are exactly the ones that rank's train
 pass reads; ``owned`` marks them, entries of other ranks' tokens stay 0. Splits depend only on the
@@ -47,10 +49,12 @@ from delta_megatron.parallel import Groups, get_groups
 
 
 class MegatronActor:
-    def __init__(self, cfg: ActorConfig, groups: Groups | None = None, total_optimizer_steps: int | None = None):
+    def __init__(self, cfg: ActorConfig, groups: Groups | None = None, total_optimizer_steps: int | None = None,
+                 data_sharded: bool = False):
         from megatron.core.distributed import finalize_model_grads
 
         self.cfg = cfg
+        self.data_sharded = data_sharded
         self.groups = groups or get_groups()
         self.backend = resolve_layer_spec(cfg.parallel)
         self.sp = cfg.parallel.sequence_parallel and cfg.parallel.tp > 1
@@ -133,7 +137,11 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ planning
     def minibatch_plan(self, batch: RolloutBatch) -> list[list[int]]:
-        """PPO mini-batches (global sample lists) cut along prompt groups, in batch order."""
+        """PPO mini-batches (sample lists) cut along prompt groups, in batch order; with sharded data
+        the ``minibatch`` field of this replica's samples says where each belongs."""
+        if self.data_sharded:
+            part = batch["minibatch"]
+            return [(part == k).nonzero().flatten().tolist() for k in range(int(part.max()) + 1 if len(part) else 0)]
         groups = batch["group_id"] if "group_id" in batch else torch.arange(batch.num_seqs)
         _, first = torch.unique(groups, return_inverse=True)
         order = sorted(range(batch.num_seqs), key=lambda i: (int(first[i]), i))
@@ -144,6 +152,8 @@ class MegatronActor:
 
     def local_shards(self, batch: RolloutBatch) -> list[list[int]]:
         """This rank's DP shard of each mini-batch."""
+        if self.data_sharded:  # the batch is the shard
+            return self.minibatch_plan(batch)
         lens = batch.seq_lens.tolist()
         shards = []
         for mini in self.minibatch_plan(batch):
@@ -297,8 +307,9 @@ class MegatronActor:
         each DP replica scores its length-balanced share of the sequences, CP ranks their chunks, and
         the sums are combined over DP×CP (and taken from the last pipeline stage)."""
         sums = torch.zeros(len(seqs), dtype=torch.float64)
-        mine = balanced_partition([len(s) for s in seqs], self.groups.dp_size)[self.groups.dp_rank] \
-            if seqs else []
+        dp_split = not self.data_sharded  # sharded: each replica scores its own sequences
+        mine = (balanced_partition([len(s) for s in seqs], self.groups.dp_size)[self.groups.dp_rank]
+                if dp_split else list(range(len(seqs)))) if seqs else []
         if mine:
             scored = RolloutBatch.from_samples([seqs[i][:1].tolist() for i in mine],
                                                [seqs[i][1:].tolist() for i in mine])
@@ -318,9 +329,11 @@ class MegatronActor:
             local.index_add_(0, scored.seq_index[flat], logp[flat].double())
             sums[mine] = local
         sums = self._from_last_stage(sums)
-        if self.groups.dp_cp_size > 1:  # disjoint sequences (DP) and disjoint tokens (CP)
+        group, size = ((self.groups.dp_cp, self.groups.dp_cp_size) if dp_split
+                       else (self.groups.cp, self.groups.cp_size))
+        if size > 1:  # disjoint sequences (DP) and disjoint tokens (CP)
             buf = sums.to(self.device)  # NCCL takes no CPU tensors
-            dist.all_reduce(buf, group=self.groups.dp_cp)
+            dist.all_reduce(buf, group=group)
             sums = buf.cpu()
         return sums
 
@@ -394,7 +407,7 @@ class MegatronActor:
                          resp_lens: torch.Tensor) -> dict[str, float]:
         mbs = self._microbatches(batch, local, self.cfg.train.max_tokens_per_gpu_train)
         normalizer = self._normalizer(batch, mini, mbs, loss_mask, plan)
-        total_resp = float(response[batch.token_indices(mini)].sum())
+        total_resp = self._dp_total(float(response[batch.token_indices(mini)].sum()))
         if plan.objective == "sft":  # no old policy: zeros keep the shared code path simple
             fields = {"logp_old": torch.zeros(batch.num_tokens), plan.advantage_field: torch.zeros(batch.num_tokens)}
         else:
@@ -462,7 +475,7 @@ class MegatronActor:
                     loss_mask: torch.Tensor, plan: LossPlan) -> LossNormalizer:
         """Mini-batch totals over all DP ranks (forking: Σ of selected counts per micro-batch; metrics
         then average over all response tokens)."""
-        num_resp = float(loss_mask[batch.token_indices(mini)].sum())
+        num_resp = self._dp_total(float(loss_mask[batch.token_indices(mini)].sum()))
         if plan.selector is not None:
             valid = torch.tensor([float(loss_mask[mb.target_index[mb.response]].sum()) for mb in mbs],
                                  dtype=torch.float64, device=self.device)
@@ -474,8 +487,17 @@ class MegatronActor:
             num_tokens = float(count[0])
         else:
             num_tokens = num_resp
-        return LossNormalizer(num_tokens, float(len(mini)), self.cfg.loss_const,
+        return LossNormalizer(num_tokens, self._dp_total(float(len(mini))), self.cfg.loss_const,
                               self.cfg.algo.const_times_seqs, num_response_tokens=num_resp)
+
+    def _dp_total(self, value: float) -> float:
+        """A mini-batch count over the whole step: summed over DP replicas when each holds its own
+        samples (``data_sharded``); already whole otherwise."""
+        if not self.data_sharded or self.groups.dp_size == 1:
+            return value
+        buf = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(buf, group=self.groups.dp)
+        return float(buf[0])
 
     def _reduce_metrics(self, collected: list[dict], names: tuple[str, ...]) -> dict[str, float]:
         """Metric shares summed over micro-batches and DP×CP ranks; sent from the last stage."""

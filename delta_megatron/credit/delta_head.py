@@ -30,19 +30,23 @@ class DeltaHeadObserver:
         self.credit = credit
         self.engine = None
         self._advantages: torch.Tensor | None = None
+        self._global: torch.Tensor | None = None
 
     def begin(self, batch: Any, *, hidden_size: int, groups: Any, sequence_sharded: bool,
               device: torch.device) -> None:
         group = scope_group(self.credit.cfg.scope, h_sequence_sharded=sequence_sharded)
         self.engine = self.credit.engine(hidden_size, group, device=device)
         self._advantages = batch["advantage_tokens"]
+        # random controls key on the token's place in the whole step batch, also on a DP shard
+        self._global = batch["global_token_index"] if "global_token_index" in batch else None
 
     def observe(self, view: HeadView) -> None:
         idx = view.token_index[view.rows]  # [n] batch token of each of this rank's rows
         adv = torch.zeros(idx.shape[0])
         adv[idx >= 0] = self._advantages[idx[idx >= 0]].float()
+        ids = idx if self._global is None else torch.where(idx >= 0, self._global[idx.clamp(min=0)], idx)
         common = dict(adv=adv.to(view.hidden.device), mask=view.response[view.rows],
-                      token_ids=idx)  # random controls draw from token ids: layout-invariant
+                      token_ids=ids)  # random controls draw from token ids: layout-invariant
         if self.credit.cfg.proxy == "topk_hidden":
             self.engine.observe(view.pass_index, view.key, v=self._topk_proxy(view)[view.rows].float(), **common)
         else:

@@ -11,11 +11,13 @@ Who holds what (``RolloutRuntime``):
 
 * embedded engine: rank 0 holds it; every stage sender broadcasts its buckets to rank 0.
 * colocated SGLang: each node's local rank 0 starts its node's servers and holds a client of them
-  (the IPC pushes); rank 0 also starts the router and holds the generation engine (router + every
-  worker for pause / flush).
+  (the IPC pushes); rank 0 also starts the router. Every data-parallel leader (TP, PP, CP rank 0)
+  holds a generation engine (the router, and every worker for pause / flush): it fetches its own
+  replica's prompt groups (:mod:`~delta_megatron.dataflow`).
 * disaggregated SGLang: the serving nodes start their own servers and router
-  (``python -m delta_megatron.cli_serve``); rank 0 waits for the router; each stage sender holds a
-  client whose ``DistributedSync`` joins its stage's group with every server.
+  (``python -m delta_megatron.cli_serve``); rank 0 waits for the router; data-parallel leaders hold
+  generation engines as above; each stage sender holds a client whose ``DistributedSync`` joins its
+  stage's group with every server.
 """
 
 from __future__ import annotations
@@ -232,7 +234,7 @@ def _connect(runtime: RolloutRuntime, rollout, placement: Placement, groups, sen
     if planned != senders:
         raise RolloutError(f"stage senders {senders} differ from the placement's {planned}: megatron's rank "
                            "order is not tp-cp-dp-pp")
-    if rank == 0:
+    if groups.tp_rank == 0 and groups.pp_rank == 0 and groups.cp_rank == 0:  # each DP replica generates
         runtime.engine = SGLangEngine(placement.router_url, placement.worker_urls, config=sg,
                                       context_len=context_len)
     if placement.sync == "ipc":

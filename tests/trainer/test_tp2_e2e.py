@@ -47,7 +47,7 @@ def reference(tmp_path_factory):
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["parallel.tp=2"], ["parallel.pp=2"]], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("extra", [["parallel.tp=2"], ["parallel.pp=2"], []], ids=["tp2", "pp2", "dp2"])
 def test_delta_step_parallel_equals_single(tmp_path, reference, extra):
     hf, ref = reference
     got = _run(tmp_path / "run", hf, 2, extra)

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("delta_megatron.cli_config", "show, explain or diff resolved run configs"),
     "doctor": ("delta_megatron.cli_doctor", "check this node has what a run needs (ok / warn / fail + fix)"),
     "study": ("delta_megatron.cli_study", "seeded method comparison (local pool or Slurm) and its statistics"),
+    "serve": ("delta_megatron.cli_serve", "one serving node of a disaggregated run: its SGLang servers (+ router)"),
 }
 
 EXAMPLES = [

@@ -11,11 +11,14 @@ free port, world size 1) so the embedded path and single-process tests need no l
 from __future__ import annotations
 
 import os
+import random
 import socket
+import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -129,7 +132,8 @@ def _backend(cfg: ParallelConfig) -> str:
 
 
 def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_minutes: float | None = None) -> Groups:
-    """Initialise the default process group (if needed), megatron's model-parallel groups and RNGs.
+    """Initialise the default process group (if needed), megatron's model-parallel groups and RNGs
+    (torch: ``seed`` on every rank, as megatron expects; Python / NumPy: one stream per rank).
 
     Applies the CPU shim when CUDA is absent. ``seed`` feeds ``model_parallel_cuda_manual_seed``
     (data-parallel seed = seed, TP seed = seed + 2718 + tp_rank) and the CPU generator.
@@ -168,6 +172,10 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234, timeout_minutes: flo
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # Python's and NumPy's generators too, one stream per rank: a run (and a resumed run, which
+    # restores every rank's own state) is reproducible whatever draws from them
+    random.seed(f"{seed}/{dist.get_rank()}")
+    np.random.seed(zlib.crc32(f"{seed}/{dist.get_rank()}".encode()))
     _GROUPS = Groups.from_parallel_state()
     return _GROUPS
 

@@ -101,6 +101,7 @@ class Trainer:
         self.preemption = Preemption().install()
         self.preempted = False
         self.schedule = SaveSchedule(cfg.checkpoint, job_end_time() if self.rank0 else None, cfg.train.steps)
+        self.closed = False
         self.rollout_stats: dict[str, float] = {}  # dynamic-sampling counters of the last rollout
         self.ledger = builders.build_ledger(cfg, self.groups.world_size)  # the planner's memory model
         self.memory_peaks: dict[str, float] = {}  # CUDA peak of each phase, the last time through
@@ -388,6 +389,9 @@ class Trainer:
                 fh.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.preemption.uninstall()
         self.log.close()
         for closeable in (self.reward, self.rollout_runtime):
@@ -425,9 +429,18 @@ def run(cfg: Config) -> tuple[list[dict[str, Any]], bool]:
     """Initialise distributed state, train, tear down. Returns (history, preempted)."""
     from delta_megatron.parallel import destroy, init_distributed
 
-    init_distributed(cfg.parallel, seed=cfg.train.seed)
+    groups = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    trainer = None
     try:
         trainer = Trainer(cfg)
         return trainer.fit(), trainer.preempted
+    except Exception as err:
+        if trainer is not None:
+            trainer.close()  # stop the servers this rank started: a requeued job needs their ports
+        if hasattr(err, "add_note") and groups.world_size > 1:  # which rank; a lost peer reads like this
+            err.add_note(f"delta-megatron: rank {groups.rank} of {groups.world_size} failed. A process of "
+                         "another node that died shows up here as a connection error in a collective or an "
+                         "HTTP request: look at the other nodes' logs for the first failure.")
+        raise
     finally:
         destroy()

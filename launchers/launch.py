@@ -7,9 +7,11 @@ experiment: the config travels in a script NeMo-Run writes into the job director
 without submitting anything.
 
 Layouts: by default SGLang (if the recipe uses it) is colocated on the actor GPUs and started by the
-trainer; ``--rollout-nodes R`` makes a heterogeneous job whose second component runs the SGLang
-servers and router on R nodes of their own; the trainer finds the router through
-``DELTA_MEGATRON_SGLANG_ROUTER``.
+trainer (each node's local rank 0 starts its node's servers); ``--rollout-nodes R`` makes a
+heterogeneous job whose second component runs ``delta_megatron.cli_serve`` on R nodes of their own
+(``rollout.placement: disaggregated``, ``rollout.nodes: R``); both components learn the serving nodes'
+hostnames from ``DELTA_MEGATRON_ROLLOUT_HOSTS`` and compute the same placement
+(``delta_megatron.topology``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from launchers.requeue import REQUEUE_MARKER_ENV, parse_signal
 from launchers.sweeps import parse_grid, scale_points
 
 RUNDIR = "/nemo_run"  # NeMo-Run mounts the job dir here in a container (or substitutes the path)
-ROUTER_ENV = "DELTA_MEGATRON_SGLANG_ROUTER"
+HOSTS_ENV = "DELTA_MEGATRON_ROLLOUT_HOSTS"
+ROLLOUT_HOSTS = "$(scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_1 | paste -sd, -)"
 CONFIG_EOF = "DELTA_MEGATRON_CONFIG_EOF"
 
 
@@ -100,30 +103,18 @@ cat > "$config" <<'{CONFIG_EOF}'
 """)
 
 
-def rollout_script(cfg: Config, gpus_per_node: int) -> run.Script:
-    """Per rollout node: ``gpus_per_node / sglang.tp`` servers; node 0 also runs the router over
-    every server of the component (hosts from the step's node list)."""
-    sg = cfg.rollout.sglang
+def rollout_script(cfg: Config, actor_nodes: int, gpus_per_node: int) -> run.Script:
+    """Per serving node: ``delta_megatron.cli_serve`` starts the node's servers (and, on the first
+    serving node, the router) from the same config and placement as the trainer."""
     if not cfg.model.hf_path:
         raise ConfigError("model.hf_path", None, "SGLang servers need an HF checkpoint path")
-    per_node = max(1, gpus_per_node // sg.tp)
-    extra = " ".join(sg.extra_args)
+    text = dump_yaml(cfg)
     return run.Script(inline=f"""\
-set -u
-per_node={per_node}
-for i in $(seq 0 $((per_node - 1))); do
-  python -m sglang.launch_server --model-path {cfg.model.hf_path} --host 0.0.0.0 \\
-    --port $(({sg.port_base} + i)) --tp-size {sg.tp} --mem-fraction-static {sg.mem_fraction} \\
-    --base-gpu-id $((i * {sg.tp})) {extra} &
-done
-if [ "${{SLURM_NODEID:-0}}" = 0 ]; then
-  urls=""
-  for h in $(scontrol show hostnames "${{SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}}"); do
-    for i in $(seq 0 $((per_node - 1))); do urls="$urls http://$h:$(({sg.port_base} + i))"; done
-  done
-  python -m sglang_router.launch_router --worker-urls $urls --host 0.0.0.0 --port {sg.router_port} &
-fi
-wait
+set -euo pipefail
+config=$(mktemp "${{TMPDIR:-/tmp}}/delta-megatron-XXXXXX.yaml")
+cat > "$config" <<'{CONFIG_EOF}'
+{text}{CONFIG_EOF}
+exec python -m delta_megatron.cli_serve --config "$config" --actor-nodes {actor_nodes} --gpus-per-node {gpus_per_node}
 """)
 
 
@@ -166,20 +157,20 @@ def launch(runs: dict[str, Config], *, executor: str, profile: ClusterProfile, n
                                    requeue_marker=f"{job_dir}/requeue")
             if profile.slurm.container_image is not None:  # the job dir is mounted at RUNDIR
                 actor.env_vars[REQUEUE_MARKER_ENV] = f"{RUNDIR}/requeue"
+            if rollout_nodes:
+                cfg = apply_overrides(cfg, ["rollout.placement=disaggregated", f"rollout.nodes={rollout_nodes}"])
             run_cfg = _prepare_config(cfg, _run_dir(profile, title, name, job_dir))
             if rollout_nodes:  # SGLang has GPUs of its own: nothing to release or offload
                 run_cfg = apply_overrides(run_cfg, ["memory.colocate=false"])
                 # one launcher would apply to both components: torchrun moves into the script
                 actor.launcher, actor.torchrun_nproc_per_node = None, None
                 actor.monitor_group_job_wait_time = 10  # the batch shell's trap waits on this sleep
-                actor.env_vars |= {
-                    "DM_RDZV_ENDPOINT": "${het_group_host_0}:29500",
-                    ROUTER_ENV: f"http://${{het_group_host_1}}:{cfg.rollout.sglang.router_port}"}
-                rollout = rollout_executor(profile, rollout_nodes, dry_run=dry_run)
+                actor.env_vars |= {"DM_RDZV_ENDPOINT": "${het_group_host_0}:29500", HOSTS_ENV: ROLLOUT_HOSTS}
+                rollout = rollout_executor(profile, rollout_nodes, env={HOSTS_ENV: ROLLOUT_HOSTS}, dry_run=dry_run)
                 task = train_script(run_cfg, torchrun=(n, profile.ranks_per_node),
                                     rdzv=rdzv_id(f"{title}/{name}"),
                                     doctor=(profile.name, n) if doctor else None)
-                exp.add([task, rollout_script(cfg, profile.ranks_per_node)],
+                exp.add([task, rollout_script(run_cfg, n, profile.ranks_per_node)],
                         executor=make_heterogeneous(actor, rollout), name=name)
                 continue
             task = train_script(run_cfg, doctor=(profile.name, n) if doctor else None)

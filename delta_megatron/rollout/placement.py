@@ -25,8 +25,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +76,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def together(fn: Callable[[], Any], what: str) -> Any:
+def together(fn: Callable[[], Any], what: str, group=None) -> Any:
     """Run ``fn`` on every rank; if it fails anywhere, every rank raises one RolloutError naming the
-    failing ranks (no rank is left waiting in a later collective)."""
+    failing ranks (no rank is left waiting in a later collective). ``group``: the process group the
+    ranks wait in (one with a timeout longer than ``fn`` may take)."""
     error, result = None, None
     try:
         result = fn()
@@ -84,7 +87,8 @@ def together(fn: Callable[[], Any], what: str) -> Any:
         error = err
     if _world() > 1:
         messages: list[str | None] = [None] * _world()
-        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
+                               group=group)
         failed = {r: m for r, m in enumerate(messages) if m is not None}
         if failed:
             detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
@@ -183,9 +187,15 @@ def build_rollout_runtime(rollout, parallel, groups, *, model_path: str | None, 
         raise RolloutError("rollout.engine: 'sglang' — SGLang servers start from an HF checkpoint; "
                            "set model.hf_path")
     placement = resolve_placement(rollout, parallel)
+    if rank == 0:
+        print(placement.describe(), file=sys.stderr, flush=True)
     runtime = RolloutRuntime(None, None, placement)
+    # servers may take longer to start than a collective may wait: the other ranks wait in a group of
+    # their own whose timeout covers a server start and the router's
+    waiting = (dist.new_group(backend="gloo", timeout=timedelta(seconds=2 * rollout.sglang.startup_timeout_s + 60))
+               if _world() > 1 else None)
     try:
-        _start(runtime, rollout, placement, rank, model_path, Path(log_dir) / "sglang")
+        _start(runtime, rollout, placement, rank, model_path, Path(log_dir) / "sglang", waiting)
         _connect(runtime, rollout, placement, groups, senders, rank, bucket_bytes, log_dir,
                  base_model_path or model_path, context_len)
     except BaseException:
@@ -195,7 +205,7 @@ def build_rollout_runtime(rollout, parallel, groups, *, model_path: str | None, 
 
 
 def _start(runtime: RolloutRuntime, rollout, placement: Placement, rank: int, model_path: str,
-           log_dir: Path) -> None:
+           log_dir: Path, group) -> None:
     """Colocated: node leaders start their servers, then rank 0 the router. Disaggregated: wait
     for the router the serving nodes started."""
     from delta_megatron.rollout.sglang_server import launch_router, launch_servers, wait_healthy
@@ -207,20 +217,20 @@ def _start(runtime: RolloutRuntime, rollout, placement: Placement, rank: int, mo
             if slots:
                 runtime.started.append(launch_servers(model_path, sg, slots, log_dir=log_dir,
                                                       startup_timeout_s=sg.startup_timeout_s))
-        together(servers, "starting the SGLang servers")
+        together(servers, "starting the SGLang servers", group)
 
         def router():
             if rank == placement.router_launcher_rank:
                 runtime.started.append(launch_router(placement.worker_urls, host=placement.router_host,
                                                      port=placement.router_port, log_dir=log_dir,
                                                      startup_timeout_s=sg.startup_timeout_s))
-        together(router, "starting sglang_router")
+        together(router, "starting sglang_router", group)
     else:
         def wait():
             if rank == 0:
                 wait_healthy(placement.router_url, timeout_s=sg.startup_timeout_s, poll_s=1.0,
                              expect_workers=len(placement.servers))
-        together(wait, f"waiting for the serving nodes' router {placement.router_url}")
+        together(wait, f"waiting for the serving nodes' router {placement.router_url}", group)
 
 
 def _connect(runtime: RolloutRuntime, rollout, placement: Placement, groups, senders: list[int], rank: int,

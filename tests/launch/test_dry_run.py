@@ -60,7 +60,20 @@ def test_heterogeneous_sbatch_snapshot(nemorun_home, clean_profile_env):
     check_snapshot("b200_2x8_plus_1_sglang_qwen3_14b_delta.sbatch", text, nemorun_home)
     assert text.count("#SBATCH hetjob") == 1
     assert "srun --het-group=0" in text and "srun --het-group=1" in text
-    assert "export DELTA_MEGATRON_SGLANG_ROUTER=http://${het_group_host_1}:29000" in text
+    hosts = "export DELTA_MEGATRON_ROLLOUT_HOSTS=$(scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_1 | paste -sd, -)"
+    assert hosts in text and "SGLANG_ROUTER" not in text  # the trainer computes the placement itself
+
+
+def test_heterogeneous_job_serves_from_the_same_placement(nemorun_home, clean_profile_env):
+    result = dry_run({"q14": qwen3_b200.qwen3_14b(nodes=2)}, nemorun_home, nodes=2, rollout_nodes=1, title="h",
+                     exp_id="h_keep", keep_dry_run_dir=True)
+    scripts = Path(result.exp_dir) / "q14" / "scripts"
+    train, serve = (scripts / "q14-0.sh").read_text(), (scripts / "q14-1.sh").read_text()
+    assert serve.rstrip().endswith(
+        'exec python -m delta_megatron.cli_serve --config "$config" --actor-nodes 2 --gpus-per-node 8')
+    for text in (train, serve):  # the same config on both sides: disaggregated over one serving node
+        body = yaml.safe_load(re.search(rf"<<'{CONFIG_EOF}'\n(.*){CONFIG_EOF}\n", text, re.S).group(1))
+        assert (body["rollout"]["placement"], body["rollout"]["nodes"]) == ("disaggregated", 1)
 
 
 def test_the_job_trains_with_the_recipe_config(nemorun_home, clean_profile_env):

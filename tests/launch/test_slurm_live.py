@@ -3,7 +3,6 @@ SlurmExecutor over a LocalTunnel, waited for through sacct, judged by the files 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -14,10 +13,16 @@ import nemo_run as run
 import pytest
 
 from launchers.executors import load_profile, local_executor, slurm_executor
+from tests.environment import require
 
 JOBS = Path(__file__).parent / "jobs"
-live = pytest.mark.skipif(shutil.which("sinfo") is None,
-                          reason="no sinfo: run slurm/local/setup.sh first")
+
+
+@pytest.fixture
+def live():
+    """The local Slurm cluster answers (skip without it; CI=true fails instead)."""
+    ok = shutil.which("sinfo") is not None and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+    require(ok, "no local Slurm cluster: run slurm/local/setup.sh first")
 
 
 def job_id(handle: str) -> str:
@@ -67,8 +72,7 @@ def test_local_executor_runs_torchrun(tmp_path, nemorun_home):
 
 
 @pytest.mark.slurm
-@live
-def test_torchrun_job_through_slurm_executor(tmp_path, nemorun_home):
+def test_torchrun_job_through_slurm_executor(tmp_path, nemorun_home, live):
     out = tmp_path / "metrics.jsonl"
     executor = slurm_executor(load_profile("local"), nodes=1, name="allreduce")
     task = run.Script(path=str(JOBS / "allreduce.py"), entrypoint="python", args=["--out", str(out)])
@@ -83,8 +87,7 @@ def test_torchrun_job_through_slurm_executor(tmp_path, nemorun_home):
 
 
 @pytest.mark.slurm
-@live
-def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, nemorun_home):
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, nemorun_home, live):
     steps = 60
     executor = slurm_executor(load_profile("local"), nodes=1, name="requeue")
     task = run.Script(path=str(JOBS / "requeue_job.py"), entrypoint="python",
@@ -122,24 +125,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, nemorun_home):
     assert f"delta-megatron: requeueing job {jid} (restart 0)" in batch_log
 
 
-def _trainer_missing() -> str | None:
-    for module in ("delta_megatron.train", "delta_megatron.trainer", "pipelines.tiny_arith_cpu"):
-        try:
-            if importlib.util.find_spec(module) is None:
-                return f"{module} does not exist yet"
-            importlib.import_module(module)
-        except Exception as err:  # noqa: BLE001 - any import failure means "not ready"
-            return f"{module} is not importable: {err}"
-    return None
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
-@live
-def test_real_trainer_through_slurm(tmp_path, nemorun_home):
-    reason = _trainer_missing()
-    if reason:
-        pytest.skip(f"the real entrypoint python -m delta_megatron.train is not ready: {reason}")
+def test_real_trainer_through_slurm(tmp_path, nemorun_home, live):
     from delta_megatron.utils.configs import apply_overrides
     from launchers.launch import launch
     from pipelines.tiny_arith_cpu import config

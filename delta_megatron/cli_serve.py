@@ -13,7 +13,6 @@ The trainer (``torchrun`` on the actor nodes, same config and hosts) waits for t
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -24,6 +23,7 @@ from pathlib import Path
 from delta_megatron.config import load_run_config
 from delta_megatron.rollout.placement import NODE_ADDR_ENV, ROLLOUT_HOSTS_ENV, placement_for
 from delta_megatron.rollout.sglang_server import launch_router, launch_servers
+from delta_megatron.utils.commands import command_parser
 
 
 def _is_local(host: str) -> bool:
@@ -54,7 +54,21 @@ def _node_index(args, hosts: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="delta-megatron serve", description=__doc__.split("\n")[0])
+    parser = command_parser(
+        "delta-megatron serve",
+        "One serving node of a disaggregated run (rollout.placement: disaggregated): starts this node's\n"
+        "SGLang servers on its own address, and the router on the first serving node, from the run's\n"
+        "config and the placement; runs until SIGTERM / SIGINT, then stops them. The trainer (torchrun\n"
+        "on the actor nodes, same config and hosts) waits for the router.",
+        f"""\
+        --config YAML or --recipe module:function (the run's), dotted overrides; {ROLLOUT_HOSTS_ENV}
+        (the serving nodes' addresses, comma-separated); --node-index, else $SLURM_NODEID, else this
+        node's address ({NODE_ADDR_ENV} or the hostname) found in that list""",
+        """\
+        the servers' and router's logs under --log-dir (default <logging.dir>/sglang); one line
+        "SERVING node K (ADDR): URLS; router URL" on stdout once they answer /health""",
+        ["delta-megatron serve --config run.yaml --actor-nodes 2 --gpus-per-node 8   "
+         f"# with {ROLLOUT_HOSTS_ENV}=node3,node4"])
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--config", help="the run's YAML config")
     src.add_argument("--recipe", help="module:function returning the run's Config")

@@ -118,8 +118,9 @@ def test_config_explain_one_field_and_a_typo(capsys):
     assert code == 0
     assert out.splitlines() == [
         "train.lr (float; default 0.0005; > 0)", "    peak learning rate",
-        "rollout.sglang.weight_sync (one of 'ipc', 'nccl', 'disk'; default ipc)",
-        "    how new weights reach the servers"]
+        "rollout.sglang.weight_sync (one of 'auto', 'ipc', 'distributed', 'disk'; default auto)",
+        "    auto: ipc when colocated, distributed (NCCL; gloo on CPU) when disaggregated; disk: safetensors "
+        "through sync_dir"]
     code, _, err = run(capsys, "config", "explain", "train.lrr")
     assert code == 2 and "train.lrr: 'train.lrr' — no such config key; closest: train.lr" in err
 

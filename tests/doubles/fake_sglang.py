@@ -432,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
+    with torch.no_grad():  # own the memory: mmap-backed safetensors storage cannot be released (resized)
+        for param in model.parameters():
+            param.data = param.data.clone()
     pad = args.pad_token_id if args.pad_token_id is not None else (model.config.pad_token_id or 0)
     eos = args.eos_token_id if args.eos_token_id is not None else model.config.eos_token_id
     server = FakeSGLangServer(model, pad, eos, port=args.port, host=args.host, model_path=args.model_path,

@@ -147,8 +147,7 @@ def test_real_trainer_through_slurm(tmp_path, nemorun_home, live):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@live
-def test_job_with_a_short_time_limit_saves_before_it_and_resumes(tmp_path, nemorun_home):
+def test_job_with_a_short_time_limit_saves_before_it_and_resumes(tmp_path, nemorun_home, live):
     """A 1-minute job (Slurm's smallest limit) of 1.5 s stages: rank 0 reads the end time (squeue %L),
     the job stops once time left < save time (12 s) + longest stage, saves, leaves the requeue
     marker and is requeued by the batch script — never killed by the limit — and each next run
@@ -191,14 +190,10 @@ def test_job_with_a_short_time_limit_saves_before_it_and_resumes(tmp_path, nemor
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@live
-def test_sigusr1_during_the_rollout_saves_within_one_stage(tmp_path, nemorun_home):
+def test_sigusr1_during_the_rollout_saves_within_one_stage(tmp_path, nemorun_home, live):
     """The real trainer under Slurm (2 ranks): SIGUSR1 through the batch shell while a rollout runs
     (a long one: 128 sequential generations) stops the run at the very next stage boundary — the
     end of that rollout — with a checkpoint that redoes the step, and the batch script requeues."""
-    reason = _trainer_missing()
-    if reason:
-        pytest.skip(reason)
     from delta_megatron.utils.configs import apply_overrides
     from launchers.launch import launch
     from pipelines.tiny_arith_cpu import smoke_config

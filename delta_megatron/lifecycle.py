@@ -184,6 +184,8 @@ class Lifecycle:
             _barrier()
         for m in allocations:
             self._do(phase, m)
+        if any(m.target == "engine" for m in allocations):  # rank 0 resumed the servers: every data-
+            _barrier()  # parallel leader generates through them next, none before they are back
 
     def _do(self, phase: str, m: Move) -> None:
         if m.target == "engine":

@@ -475,7 +475,14 @@ class MegatronActor:
                     loss_mask: torch.Tensor, plan: LossPlan) -> LossNormalizer:
         """Mini-batch totals over all DP ranks (forking: Σ of selected counts per micro-batch; metrics
         then average over all response tokens)."""
-        num_resp = self._dp_total(float(loss_mask[batch.token_indices(mini)].sum()))
+        idx = batch.token_indices(mini)
+        if plan.mask_field is not None and "owned" in batch:
+            # a credit mask read from the LM head (DelTA's selection) exists only on the tokens this rank
+            # owns — its observer writes nothing elsewhere — so count those, over DP×CP
+            owned = float((loss_mask[idx] & batch["owned"][idx].bool()).sum())
+            num_resp = self._all_sum(owned, self.groups.dp_cp, self.groups.dp_cp_size)
+        else:
+            num_resp = self._dp_total(float(loss_mask[idx].sum()))
         if plan.selector is not None:
             valid = torch.tensor([float(loss_mask[mb.target_index[mb.response]].sum()) for mb in mbs],
                                  dtype=torch.float64, device=self.device)
@@ -493,10 +500,13 @@ class MegatronActor:
     def _dp_total(self, value: float) -> float:
         """A mini-batch count over the whole step: summed over DP replicas when each holds its own
         samples (``data_sharded``); already whole otherwise."""
-        if not self.data_sharded or self.groups.dp_size == 1:
+        return self._all_sum(value, self.groups.dp, self.groups.dp_size) if self.data_sharded else value
+
+    def _all_sum(self, value: float, group, size: int) -> float:
+        if size == 1:
             return value
         buf = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(buf, group=self.groups.dp)
+        dist.all_reduce(buf, group=group)
         return float(buf[0])
 
     def _reduce_metrics(self, collected: list[dict], names: tuple[str, ...]) -> dict[str, float]:

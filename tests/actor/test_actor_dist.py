@@ -16,6 +16,9 @@ transformers reference of ``hf_reference.py`` is checked too. Per layout, every 
 A ``--fidelity`` launch at DP = 2 trains FIPO (kept-token normaliser) with seq-mask-tis on a batch where
 both filters drop responses in the forward: the weights equal the HF step normalised by each
 mini-batch's kept tokens (the DP ranks' dropped fractions are summed before the one rescale).
+A ``--selection`` launch trains with DelTA's top-50 % selection as the loss mask (a mask each rank
+knows only on the tokens it owns): DP = 2 equals one process, so the normaliser counts every
+replica's selected tokens.
 
 Sequence parallelism: megatron-core's local spec has no SP-capable norm without apex (its
 ``WrappedTorchNorm`` asserts ``not sequence_parallel``), so the SP layout runs with the worker's
@@ -180,3 +183,23 @@ def test_fipo_kept_and_seq_mask_tis_dp2_equal_reference(hf_dir, tmp_path):
         assert set(res["weights"]) == set(want.state_dict) - {"lm_head.weight"}
         for name, w in res["weights"].items():
             torch.testing.assert_close(w, want.state_dict[name], **TOL, msg=name)
+
+
+@pytest.mark.slow
+def test_delta_selection_mask_normaliser_dp2_equals_one_process(hf_dir, tmp_path):
+    runs = {}
+    for name, nproc, extra in (("single", 1, []), ("dp2", 2, ["--dist-opt"])):
+        out = tmp_path / name
+        out.mkdir()
+        torchrun("actor_worker.py", nproc, ["--hf", str(hf_dir), "--out", str(out), "--selection", *extra],
+                 timeout=300)
+        runs[name] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+    (single,), dp2 = runs["single"], runs["dp2"]
+    assert 0 < dp2[0]["selected"] and 0 < dp2[1]["selected"]  # each replica owns some selected tokens
+    assert dp2[0]["selected"] + dp2[1]["selected"] == single["selected"]
+    for res in dp2:
+        for got, want in zip(res["minis"], single["minis"]):
+            for key in ("train/pg_loss", "train/grad_norm"):
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+        for name, w in res["weights"].items():
+            torch.testing.assert_close(w, single["weights"][name], **TOL, msg=name)

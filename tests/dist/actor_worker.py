@@ -205,6 +205,23 @@ def fidelity_run(actor) -> dict:
     return {"minis": minis, "mean": mean, "weights": export_weights(actor)}
 
 
+def selection_run(actor) -> dict:
+    """DelTA's top-50 % selection (a ``loss_mask`` target, known only on the tokens a rank owns) as
+    the loss mask of one train call (two mini-batches): the stats and HF weights."""
+    from delta_megatron.credit.delta import DeltaConfig, DeltaCredit
+    from delta_megatron.credit_contract import LossPlan
+    from tests.actor.hf_reference import capture_for
+
+    batch = make_batch()
+    actor.old_logprobs(batch, capture_for(DeltaCredit(DeltaConfig(mode="cache", selection="top50"))))
+    mask = batch["credit_delta"].bool()
+    batch.add_token_field("credit_mask", mask)
+    minis = record_minibatches(actor)
+    mean = actor.train(batch, LossPlan(mask_field="credit_mask"))
+    return {"minis": minis, "mean": mean, "weights": export_weights(actor),
+            "selected": int((mask & batch["owned"].bool()).sum())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True)
@@ -216,6 +233,7 @@ def main() -> None:
     ap.add_argument("--sp-torch-norm", action="store_true")
     ap.add_argument("--dist-opt", action="store_true")
     ap.add_argument("--fidelity", action="store_true", help="only the FIPO + seq-mask-tis train step")
+    ap.add_argument("--selection", action="store_true", help="only the DelTA top50-selection train step")
     args = ap.parse_args()
 
     from delta_megatron.actor.megatron_actor import MegatronActor
@@ -235,6 +253,10 @@ def main() -> None:
     try:
         if args.fidelity:
             torch.save(fidelity_run(MegatronActor(cfg.actor_config(), groups)) | {"dp_rank": groups.dp_cp_rank},
+                       Path(args.out) / f"rank{groups.rank}.pt")
+            return
+        if args.selection:
+            torch.save(selection_run(MegatronActor(cfg.actor_config(), groups)) | {"dp_rank": groups.dp_cp_rank},
                        Path(args.out) / f"rank{groups.rank}.pt")
             return
         actor = MegatronActor(cfg.actor_config(), groups)

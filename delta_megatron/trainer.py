@@ -111,6 +111,8 @@ class Trainer:
                                    on_enter=self.log_memory)
         self.sync_weights()  # the engine starts from the actor's weights
         self.lifecycle.enter("rollout")
+        if self.resumed_rng is not None:  # last: nothing in the set-up draws from the restored generators
+            set_rng_state(self.resumed_rng)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> list[dict[str, float]]:
@@ -326,18 +328,22 @@ class Trainer:
         return metrics
 
     def save(self, step: int, state: dict | None = None) -> Path:
-        """Checkpoint the actor and ``state`` (default: resume at ``step + 1``); collective."""
+        """Checkpoint the actor and ``state`` (default: resume at ``step + 1``); collective. Saving
+        consumes no randomness: the generators are put back as they were, so a run continues exactly
+        as a run resumed from this checkpoint does."""
+        generators = rng_state()
         state = state or self.trainer_state(step + 1)
 
         def write(path: Path) -> None:
             self.actor.save_checkpoint(path / "actor")
-            torch.save(rng_state(), path / f"rng_rank{self.groups.rank:05d}.pt")  # every rank's own
+            torch.save(state["rng"], path / f"rng_rank{self.groups.rank:05d}.pt")  # every rank's own
             if self.rank0:
                 torch.save(state, path / "trainer.pt")
 
         t0 = time.perf_counter()
         with self.lifecycle.checkpoint():  # the actor's weights and optimizer state on the device
             path = self.ckpt.save(state["step"], write, model=self.cfg.model)
+        set_rng_state(generators)
         self.schedule.saved(time.perf_counter() - t0)
         self.note("save", step=step, resume_step=state["step"], seconds=time.perf_counter() - t0)
         return path
@@ -353,6 +359,7 @@ class Trainer:
         another model shape or with changed bytes is refused naming the field or file. A checkpoint
         taken inside the train phase also brings back that step's work (``resumed_work``)."""
         self.resumed_work: dict[int, Work] = {}
+        self.resumed_rng: dict[str, Any] | None = None
         path = resolve_resume(self.cfg.checkpoint.resume, self.ckpt.root, model=self.cfg.model)
         if path is None:
             return 0
@@ -360,8 +367,8 @@ class Trainer:
         state = torch.load(path / "trainer.pt", weights_only=False)
         self.prompts.load_state_dict(state["prompts"])
         self.credit.load_state_dict(state["credit"])
-        mine = path / f"rng_rank{self.groups.rank:05d}.pt"
-        set_rng_state(torch.load(mine, weights_only=False) if mine.exists() else state["rng"])
+        mine = path / f"rng_rank{self.groups.rank:05d}.pt"  # applied when set-up is done (__init__)
+        self.resumed_rng = torch.load(mine, weights_only=False) if mine.exists() else state["rng"]
         if state.get("work") is not None:
             self.resumed_work[int(state["step"])] = Work.from_state_dict(state["work"], self.credit)
         return int(state["step"])

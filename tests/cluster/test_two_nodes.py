@@ -157,15 +157,19 @@ def test_sigkill_of_a_node_fails_fast_then_resume_continues(cluster, hf, colocat
     done = {r["step"]: r for r in rows}  # the resumed steps reproduce the uninterrupted run
     bad = [m for a in colocated.metrics() for m in _close(a, done[a["step"]])]
     assert not bad, bad
-    # every rank restored its own RNG state: the ranks' generators differ (Python's / NumPy's are seeded
-    # per rank), so the states every rank ends with match the uninterrupted run's only if each rank got
-    # its own back (rank 0's applied to all, ranks 1-3 would differ)
+    # every rank restored its own RNG state: NumPy's generator is seeded per rank (and nothing but
+    # our code draws from it), so the NumPy states every rank ends with match the uninterrupted
+    # run's only if each rank got its own back (rank 0's applied to all: ranks 1-3 would differ);
+    # torch's (one seed on every rank, as megatron expects) matches too. Python's generator is per
+    # rank as well, but third-party code on rank 0's SGLang path draws from it at times we do not
+    # control, so only its per-rank seeding is asserted.
     def states(run_dir):
         return [torch.load(run_dir / "checkpoints" / "step_00000003" / f"rng_rank{r:05d}.pt", weights_only=False)
                 for r in range(4)]
 
     mine, uninterrupted = states(tmp_path), states(colocated.out)
     assert len({str(s["python"][1][:8]) for s in mine}) == 4
+    assert len({tuple(s["numpy"][1][:8].tolist()) for s in mine}) == 4
     for a, b in zip(mine, uninterrupted):
-        assert a["python"] == b["python"] and torch.equal(a["torch"], b["torch"])
-        assert (a["numpy"][1] == b["numpy"][1]).all()
+        assert (a["numpy"][1] == b["numpy"][1]).all() and a["numpy"][2] == b["numpy"][2]
+        assert torch.equal(a["torch"], b["torch"])

@@ -23,7 +23,7 @@ import math
 import pkgutil
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -164,6 +164,8 @@ def plan(cfg: Config, hw: Hardware, opts: PlanOptions) -> Plan:
     """Build the plan; never raises for a layout that does not fit (see ``Plan.check``)."""
     validate_tree(opts)
     validate_tree(hw)
+    if not opts.rollout_nodes and cfg.rollout.placement == "disaggregated":  # the config says so itself
+        opts = replace(opts, rollout_nodes=cfg.rollout.nodes)
     par, ro, tr, sg = cfg.parallel, cfg.rollout, cfg.train, cfg.rollout.sglang
     if opts.recompute != "config":  # a what-if from the command line
         cfg = apply_overrides(cfg, [f"train.recompute_granularity={opts.recompute}"])

@@ -139,6 +139,12 @@ def launch(runs: dict[str, Config], *, executor: str, profile: ClusterProfile, n
            per_run_nodes: dict[str, int] | None = None, doctor: bool = False) -> LaunchResult:
     """One ``run.Experiment`` with one job per entry of ``runs`` (name -> Config); ``doctor`` runs
     ``delta-megatron doctor`` on every node before training (see :func:`train_script`)."""
+    if not rollout_nodes:  # a config with rollout.placement: disaggregated names its own serving nodes
+        nodes_of = {c.rollout.nodes if c.rollout.placement == "disaggregated" else 0 for c in runs.values()}
+        if len(nodes_of) > 1:
+            raise ConfigError("rollout.nodes", sorted(nodes_of), "one placement for every run of a launch "
+                              "(0: colocated); or pass --rollout-nodes")
+        rollout_nodes = nodes_of.pop() if nodes_of else 0
     if executor not in ("local", "slurm"):
         raise ConfigError("executor", executor, "local or slurm")
     if rollout_nodes and executor != "slurm":

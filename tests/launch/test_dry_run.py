@@ -76,6 +76,24 @@ def test_heterogeneous_job_serves_from_the_same_placement(nemorun_home, clean_pr
         assert (body["rollout"]["placement"], body["rollout"]["nodes"]) == ("disaggregated", 1)
 
 
+def test_a_disaggregated_config_launches_as_rollout_nodes(nemorun_home, clean_profile_env):
+    """``rollout.placement=disaggregated rollout.nodes=1`` in the config is ``--rollout-nodes 1``: the same
+    heterogeneous job, and the planner counts the serving node's GPUs apart."""
+    from delta_megatron.utils.configs import ConfigError, apply_overrides
+
+    cfg = apply_overrides(qwen3_b200.qwen3_14b(nodes=2), ["rollout.placement=disaggregated", "rollout.nodes=1"])
+    by_flag = dry_run({"q14": qwen3_b200.qwen3_14b(nodes=2)}, nemorun_home, nodes=2, rollout_nodes=1, title="h",
+                      exp_id="h_same")
+    by_config = dry_run({"q14": cfg}, nemorun_home, nodes=2, title="h", exp_id="h_same")
+    assert by_config.sbatch == by_flag.sbatch and "#SBATCH hetjob" in by_config.sbatch["q14_sbatch.sh"]
+    hw = load_profile("b200").hardware
+    want = plan(qwen3_b200.qwen3_14b(nodes=2), hw, PlanOptions(nodes=2, rollout_nodes=1)).to_dict()
+    assert plan(cfg, hw, PlanOptions(nodes=2)).to_dict() == want
+    assert want != plan(qwen3_b200.qwen3_14b(nodes=2), hw, PlanOptions(nodes=2)).to_dict()
+    with pytest.raises(ConfigError, match="one placement for every run of a launch"):
+        dry_run({"a": cfg, "b": qwen3_b200.qwen3_14b(nodes=2)}, nemorun_home, nodes=2, title="h")
+
+
 def test_the_job_trains_with_the_recipe_config(nemorun_home, clean_profile_env):
     cfg = qwen3_b200.qwen3_14b(nodes=2)
     result = dry_run({"q14": cfg}, nemorun_home, nodes=2, title="t", exp_id="t_keep",

@@ -294,8 +294,12 @@ class Trainer:
         chosen = (pos[: count // 2] + neg[: count // 2]) or list(range(min(count, batch.num_seqs)))
         for i in chosen:  # responses with A ≠ 0 show what credit assignment does
             tok = batch.token_indices([i])[resp[batch.token_indices([i])]]
+            start = int(batch.cu_seqlens[i])
+            prompt = torch.arange(start, start + int(batch.prompt_lens[i]))
             rows.append({"step": step, "sample": i, "advantage": float(batch["advantage"][i]),
                          "reward": float(batch["reward"][i]),
+                         "prompt_ids": batch.tokens[prompt].tolist(),  # to re-score (analyze dlogp)
+                         "response_ids": batch.tokens[tok].tolist(),
                          "tokens": self.decode_tokens(batch.tokens[tok].tolist()),
                          "credit": None if weights is None else weights[tok].tolist()})
         record = {"step": step, "samples": rows}

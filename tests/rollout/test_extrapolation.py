@@ -69,6 +69,16 @@ def test_top_p_keeps_top_token():
     assert top_p_filter(p, 1.0).tolist() == pytest.approx(p.tolist(), abs=1e-12)
 
 
+def test_top_p_ties_drop_the_base_models_least_likely_first():
+    p = torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64)  # the cut (mass <= 0.3) splits the tie
+    assert top_p_filter(p, 0.7, tiebreak=torch.tensor([-1.0, -2.0, -0.1])).tolist() == pytest.approx(
+        [0.25, 0.0, 0.75], abs=1e-12)
+    assert top_p_filter(p, 0.7, tiebreak=torch.tensor([-2.0, -1.0, -0.1])).tolist() == pytest.approx(
+        [0.0, 0.25, 0.75], abs=1e-12)
+    batched = top_p_filter(p.repeat(2, 1), 0.7, tiebreak=torch.tensor([[-1.0, -2.0, 0.0], [-2.0, -1.0, 0.0]]))
+    torch.testing.assert_close(batched, torch.tensor([[0.25, 0.0, 0.75], [0.0, 0.25, 0.75]], dtype=torch.float64))
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="top_p"):
         validate(ExtrapolationConfig(top_p=0.0))

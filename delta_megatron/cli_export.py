@@ -22,7 +22,7 @@ from delta_megatron.models.converter import megatron_to_hf
 from delta_megatron.models.hf_config import to_hf_config
 from delta_megatron.utils.commands import command_parser
 
-__all__ = ["export_hf", "load_model_from_checkpoint", "main"]
+__all__ = ["export_hf", "hf_model_dir", "load_model_from_checkpoint", "main"]
 
 _SKIP = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -211,6 +211,26 @@ def export_hf(model_or_ckpt, cfg: Config | ModelConfig, out_dir: str | Path,
         raise error
     if failed:
         raise RuntimeError("export_hf failed on another rank")
+    return out
+
+
+def hf_model_dir(path: str | Path, work_dir: str | Path, flag: str = "--model") -> Path:
+    """An HF model directory for a command-line model argument: ``path`` itself when it holds a
+    ``config.json``, else the latest checkpoint of a run, ``checkpoints/`` or step directory, exported
+    (as trained, one process) to ``work_dir``. ``flag`` names the argument in errors."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} {path}: no such directory (expected an HF model directory or a run / "
+                                "checkpoint directory)")
+    try:
+        step_dir, _ = resolve_checkpoint(p)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path}: neither an HF model directory (no config.json) nor a run / "
+                                "checkpoints / step_N directory with a checkpoint (step_N/actor)") from None
+    out = Path(work_dir)
+    main([str(step_dir), str(out)])
     return out
 
 

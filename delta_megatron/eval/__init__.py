@@ -9,9 +9,10 @@ from delta_megatron.eval.evaluate import (
     evaluate,
 )
 from delta_megatron.eval.metrics import avg_at_k, mean_pass_at_k, pass_at_k, weighted_average
-from delta_megatron.eval.report import to_csv, to_markdown, write_report
+from delta_megatron.eval.report import compare_markdown, to_csv, to_markdown, write_report
 
 __all__ = [
     "BenchmarkResult", "EvalResults", "EvalSettings", "GenerateFn", "QuestionResult", "evaluate",
     "avg_at_k", "mean_pass_at_k", "pass_at_k", "weighted_average", "to_csv", "to_markdown", "write_report",
+    "compare_markdown",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 
 EvalResults = Any  # an eval.evaluate.EvalResults (duck-typed: evaluate builds its reports from here)
 
-__all__ = ["to_markdown", "to_csv", "write_report", "AVG_ROW"]
+__all__ = ["to_markdown", "to_csv", "write_report", "compare_markdown", "AVG_ROW"]
 
 AVG_ROW = "avg (weighted)"
 
@@ -56,3 +56,22 @@ def write_report(results: EvalResults, out_dir: str | Path, stem: str = "eval") 
     md.write_text(to_markdown(results), encoding="utf-8")
     cs.write_text(to_csv(results), encoding="utf-8")
     return md, cs
+
+
+def compare_markdown(named: dict[str, EvalResults], extra: dict[str, dict[str, float]] | None = None,
+                     digits: int = 2) -> str:
+    """One table for several decodings of the same eval sets: a row per (decoding, benchmark) with the
+    metrics in percent, plus per-decoding ``extra`` fractions (e.g. resampled tokens) in percent."""
+    extra = extra or {}
+    metrics = next(iter(named.values())).metric_names() if named else []
+    cols = list(dict.fromkeys(c for vals in extra.values() for c in vals))  # first-seen order
+    lines = ["| decoding | benchmark | questions | " + " | ".join(metrics + cols) + " |",
+             "|---|---|---:|" + "---:|" * (len(metrics) + len(cols))]
+    for label, results in named.items():
+        if results.metric_names() != metrics:
+            raise ValueError(f"decoding {label!r} has metrics {results.metric_names()}, expected {metrics}")
+        for name, n, vals in _rows(results):
+            cells = [f"{vals[m] * 100:.{digits}f}" for m in metrics]
+            cells += [f"{extra[label][c] * 100:.{digits}f}" if c in extra.get(label, {}) else "–" for c in cols]
+            lines.append(f"| {label} | {name} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

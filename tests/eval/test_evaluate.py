@@ -113,3 +113,19 @@ def test_max_prompts_limits_each_benchmark():
     assert [b.n_questions for b in res.benchmarks] == [1, 1]
     assert [c[0] for c in gen.calls] == [["a0"], ["b0"]]
     assert res.benchmarks[0].metrics() == {"avg@2": 0.5, "pass@2": 1.0}
+
+
+def test_compare_markdown_rows_per_decoding(results):
+    from delta_megatron.eval import compare_markdown
+
+    table = compare_markdown({"base": results, "extrapolate": results},
+                             {"extrapolate": {"resampled %": 0.125, "changed %": 0.0625}})
+    assert table.splitlines() == [
+        "| decoding | benchmark | questions | avg@4 | pass@2 | pass@4 | resampled % | changed % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| base | A | 2 | 62.50 | 75.00 | 100.00 | – | – |",
+        "| base | B | 1 | 50.00 | 83.33 | 100.00 | – | – |",
+        "| base | avg (weighted) | 3 | 58.33 | 77.78 | 100.00 | – | – |",
+        "| extrapolate | A | 2 | 62.50 | 75.00 | 100.00 | 12.50 | 6.25 |",
+        "| extrapolate | B | 1 | 50.00 | 83.33 | 100.00 | 12.50 | 6.25 |",
+        "| extrapolate | avg (weighted) | 3 | 58.33 | 77.78 | 100.00 | 12.50 | 6.25 |"]

@@ -27,7 +27,8 @@ LAYERS = [
          "delta_megatron.planner_model", "delta_megatron.lifecycle",
          "delta_megatron.memory_ledger"]),
     (4, ["delta_megatron.cli", "delta_megatron.cli_eval", "delta_megatron.cli_export", "delta_megatron.cli_config",
-         "delta_megatron.cli_doctor", "delta_megatron.cli_study", "delta_megatron.cli_serve", "delta_megatron.study", "delta_megatron.train",
+         "delta_megatron.cli_doctor", "delta_megatron.cli_study", "delta_megatron.cli_serve", "delta_megatron.cli_analyze",
+         "delta_megatron.study", "delta_megatron.train",
          "delta_megatron.planner", "delta_megatron.viz", "pipelines", "launchers"]),
 ]
 

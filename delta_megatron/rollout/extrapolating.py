@@ -5,8 +5,10 @@ positions that §9.3's rule selects are resampled from the extrapolated mix (bas
 keeps its own KV cache over one left-padded micro-batch (prefill, then one token a step), and
 :func:`~delta_megatron.rollout.extrapolation.extrapolation_step` turns the two next-token logits into
 the emitted tokens. Every row draws its three uniforms per step from its own ``torch.Generator``
-seeded by (request seed, sample index), as in the embedded engine: sample j of a request does not
-depend on its batch mates, ``batch_size`` or the global RNG.
+seeded by (request seed, request id, sample index): sample j of a request does not depend on its
+batch mates, ``batch_size`` or the global RNG. The request id is part of the seed because callers
+give every prompt of a call one seed (``requests_for``); without it all prompts would share their
+uniforms, and a ``random`` selection would pick the same positions in every response.
 
 It serves evaluation and analysis (``delta-megatron eval --rl``, ``delta-megatron analyze dlogp``),
 not training: weight updates are refused.
@@ -14,6 +16,7 @@ not training: weight updates are refused.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -25,9 +28,15 @@ from delta_megatron.rollout.engine import GenerateRequest, RolloutError, Sample,
 from delta_megatron.rollout.extrapolation import ExtrapolationConfig, extrapolation_step
 from delta_megatron.utils.configs import validate
 
-__all__ = ["ExtrapolatingEngine", "DecodeStats", "check_same_vocab", "vocab_size"]
+__all__ = ["ExtrapolatingEngine", "DecodeStats", "check_same_vocab", "row_seed", "vocab_size"]
 
 _SEED_MOD = 2**62
+
+
+def row_seed(seed: int, request_id: str, index: int) -> int:
+    """The generator seed of sample ``index`` of request ``request_id`` under request seed ``seed``."""
+    digest = hashlib.sha256(f"{seed}/{request_id}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % _SEED_MOD
 
 
 def vocab_size(model: torch.nn.Module) -> int:
@@ -162,7 +171,7 @@ class ExtrapolatingEngine:
             cfg = self._config_for(params)
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start:start + self.batch_size]
-                row_seeds = [(seeds[r.request_id] * 1_000_003 + i) % _SEED_MOD for r, i in chunk]
+                row_seeds = [row_seed(seeds[r.request_id], r.request_id, i) for r, i in chunk]
                 out.update(self._decode_chunk(chunk, params, cfg, remaining, row_seeds))
         return [out[(req.request_id, idx)] for req, idx in rows]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from delta_megatron.rollout.engine import GenerateRequest, RolloutEngine, RolloutError, SamplingParams
-from delta_megatron.rollout.extrapolating import ExtrapolatingEngine
+from delta_megatron.rollout.extrapolating import ExtrapolatingEngine, row_seed
 from delta_megatron.rollout.extrapolation import (
     ExtrapolationConfig,
     extrapolation_step,
@@ -87,6 +87,17 @@ def test_worked_example_through_the_engine():
     assert engine.stats.changed == engine.stats.selected  # y* = 0 never survives top-p
 
 
+def test_random_selection_rate_across_prompts_with_one_seed():
+    """Callers give every prompt of a call one seed: the rows must still draw independent uniforms,
+    or a random selection would pick the same positions in every response."""
+    engine = ExtrapolatingEngine(_ConstantLM(BASE_P.log()), _ConstantLM(RL_P.log()), pad_token_id=0,
+                                 eos_token_id=[], config=ExtrapolationConfig(select="random", threshold=0.3))
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=1, n=1, seed=5)
+    engine.generate([GenerateRequest(f"p{i}", [1, 2], params) for i in range(2000)])
+    assert engine.stats.tokens == 2000
+    assert abs(engine.stats.selected_frac - 0.3) < 5 * math.sqrt(0.21 / 2000)
+
+
 # ------------------------------------------------------------------ engine vs a slow reference
 def _rl_model():
     """The base model with perturbed weights: Δlog p of both signs, candidates that differ."""
@@ -137,14 +148,16 @@ def _reference(base, rl, prompt, seed, cfg, max_new):
 @pytest.mark.parametrize("gamma", [0.0, 0.05])
 def test_engine_matches_per_row_reference(model, gamma):
     rl = _rl_model()
-    cfg = ExtrapolationConfig(tau=-0.3, gamma=gamma, num_logprobs=10, top_p=0.9, temperature=0.8)
+    # top-p 0.85, not 0.9: ten tied candidates (none in the RL top-10) put the 0.9 cut exactly on a
+    # cumulative sum, where float32 and float64 legitimately disagree
+    cfg = ExtrapolationConfig(tau=-0.3, gamma=gamma, num_logprobs=10, top_p=0.85, temperature=0.8)
     engine = ExtrapolatingEngine(model, rl, PAD, EOS, config=cfg, batch_size=3)
     assert isinstance(engine, RolloutEngine)
-    params = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=8, n=2, seed=21)
+    params = SamplingParams(temperature=0.8, top_p=0.85, max_new_tokens=8, n=2, seed=21)
     samples = engine.generate([GenerateRequest(f"r{i}", p, params) for i, p in enumerate(PROMPTS)])
     assert 0.05 < engine.stats.selected_frac < 0.95  # both branches are exercised
     for s in samples:
-        seed = (21 * 1_000_003 + s.index) % 2**62
+        seed = row_seed(21, s.request_id, s.index)
         assert s.response_ids == _reference(model, rl, s.prompt_ids, seed, cfg, 8), s.sample_id
 
 
@@ -183,6 +196,9 @@ def test_seed_reproducible_and_independent_of_batch(model):
         [GenerateRequest(r.request_id, r.prompt_ids, params.replace(seed=8)) for r in reqs])
     assert [s.response_ids for s in other] != [s.response_ids for s in first]
     assert len({tuple(s.response_ids) for s in first[:3]}) > 1
+    twins = ExtrapolatingEngine(model, rl, PAD, EOS, config=cfg).generate(
+        [GenerateRequest(name, PROMPTS[0], params) for name in ("a", "b")])  # same prompt and seed
+    assert [s.response_ids for s in twins[:3]] != [s.response_ids for s in twins[3:]]
 
 
 # ------------------------------------------------------------------ errors

@@ -3,8 +3,8 @@
 For responses sampled from either model, one teacher-forced forward of each model gives, per response
 token y_t: Δlog p = log π_RL(y_t) − log π_Base(y_t) (signed: which way RL moved this choice), the two
 models' full-vocabulary entropies and KL(π_RL ‖ π_Base) (magnitudes: how much the distribution
-moved, not which way). All at temperature 1 on the raw logits. The summaries here — histograms,
-most-moved tokens, thresholds that select a given share of tokens, correlations (e.g. with DelTA's
+moved, not which way). All at temperature 1 on the raw logits. The summaries here — most-moved
+tokens, thresholds that select a given share of tokens, correlations (e.g. with DelTA's
 λ̄) — are what ``delta-megatron analyze dlogp`` reports.
 """
 
@@ -18,7 +18,7 @@ import torch
 from delta_megatron.rollout.extrapolation import token_entropy, token_kl
 
 __all__ = ["TokenTable", "score_responses", "most_moved_tokens", "thresholds_for_rates", "correlation",
-           "histogram", "CurvePoint", "STATISTICS"]
+           "CurvePoint", "STATISTICS"]
 
 # statistic -> (TokenTable field, which tail a selection takes: "low" = values <= threshold)
 STATISTICS = {"dlogp": ("delta", "low"), "kl": ("kl", "high"), "entropy": ("entropy_base", "high")}
@@ -149,14 +149,6 @@ def correlation(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 
     return {"pearson": pearson(x, y), "spearman": pearson(_ranks(x.double()), _ranks(y.double())),
             "n": int(x.numel())}
-
-
-def histogram(values: torch.Tensor, lo: float, hi: float, bins: int) -> tuple[list[float], list[float]]:
-    """(bin edges, fraction of values per bin); values outside [lo, hi] go to the end bins."""
-    v = values.double().clamp(lo, hi)
-    counts = torch.histc(v, bins=bins, min=lo, max=hi)
-    edges = torch.linspace(lo, hi, bins + 1).tolist()
-    return edges, (counts / max(values.numel(), 1)).tolist()
 
 
 @dataclass

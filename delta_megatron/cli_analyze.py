@@ -93,6 +93,9 @@ def dlogp_main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    from delta_megatron.tracking import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     import torch
 
     torch.set_grad_enabled(False)
@@ -388,6 +391,7 @@ def plot_curve(curve: list, accuracy: dict[str, float], out_png: Path) -> Path:
     if "rl" in accuracy:
         ax.axhline(accuracy["rl"], color="grey", ls="--", lw=1, label="RL model alone")
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(0.0, 100.0)
     ax.set_xlabel("replaced tokens (%)")
     ax.set_ylabel(metric)
     ax.set_title("Base sampling with selected tokens resampled from π_RL")

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             parser.error(f"selective extrapolation: {err} (temperature / top_p come from eval.*)")
 
+    from delta_megatron.tracking import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     import torch  # heavy imports only once the command line is known to be usable
 
     from delta_megatron import builders

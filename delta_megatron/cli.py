@@ -13,7 +13,8 @@ import sys
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("delta_megatron.train", "run RL training from a recipe or a YAML config (resumable)"),
-    "eval": ("delta_megatron.cli_eval", "sample an HF checkpoint on the eval sets: avg@k / pass@k tables"),
+    "eval": ("delta_megatron.cli_eval", "sample a model on the eval sets: avg@k / pass@k tables (--rl: "
+             "selective extrapolation)"),
     "export": ("delta_megatron.cli_export", "convert a trainer checkpoint to an HF model directory"),
     "plan": ("delta_megatron.planner", "memory and step time of a layout on a cluster; rejects misfits"),
     "launch": ("launchers.launch", "submit a recipe to Slurm (or run it locally) through NeMo-Run"),
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("delta_megatron.cli_doctor", "check this node has what a run needs (ok / warn / fail + fix)"),
     "study": ("delta_megatron.cli_study", "seeded method comparison (local pool or Slurm) and its statistics"),
     "serve": ("delta_megatron.cli_serve", "one serving node of a disaggregated run: its SGLang servers (+ router)"),
+    "analyze": ("delta_megatron.cli_analyze", "what an RL run changed: per-token dlogp vs its base model"),
 }
 
 EXAMPLES = [
@@ -34,6 +36,7 @@ EXAMPLES = [
     "delta-megatron study --recipe pipelines.scaffold_arith_cpu:config --methods dapo,delta --seeds 8",
     "delta-megatron export runs/demo/delta runs/demo/delta/hf",
     "delta-megatron eval --config runs/demo/delta/config.yaml --model runs/demo/delta/hf eval.k=4",
+    "delta-megatron analyze dlogp --base runs/demo/sft_model --rl runs/demo/delta --data synthetic:arith@eval",
 ]
 
 

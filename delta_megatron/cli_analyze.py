@@ -22,27 +22,50 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from delta_megatron.utils.commands import command_parser
+
 RATES = (0.02, 0.05, 0.1, 0.2, 0.4)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="delta-megatron analyze", description=__doc__.split("\n\n")[0])
-    parser.add_argument("analysis", choices=["dlogp"])
-    args, rest = parser.parse_known_args(argv[:1])
-    return dlogp_main(argv[1:])
+    if argv[:1] == ["dlogp"]:
+        return dlogp_main(argv[1:])
+    parser = command_parser(
+        "delta-megatron analyze",
+        "Look inside a finished RL run. One analysis so far:\n"
+        "  dlogp  what the run changed, token by token: Δlog p = log π_RL − log π_Base of base- and\n"
+        "         RL-sampled responses next to entropy and KL, the most moved tokens, a selective-\n"
+        "         replacement curve, and DelTA λ̄ against Δlog p (delta-megatron analyze dlogp --help)",
+        "the analysis name, then its own arguments",
+        "see the analysis' --help",
+        ["delta-megatron analyze dlogp --base runs/demo/sft_model --rl runs/demo/delta "
+         "--data synthetic:arith@eval"])
+    parser.add_argument("analysis", choices=["dlogp"], help="dlogp")
+    parser.parse_args(argv[:1])  # --help, or an error naming the analyses
+    return 2
 
 
-def dlogp_main(argv: list[str]) -> int:
-    """``delta-megatron analyze dlogp --base A --rl B --data FILE [--samples-from base|rl|both]``
-
-    A and B: HF directories or our run / checkpoint directories (the latest checkpoint is exported).
-    FILE: a dataset file or short name (jsonl / parquet with problem + answer) or ``synthetic:arith@eval``.
-    The run config (template, reward, tokenizer) is ``--config`` / ``--recipe``, else the RL run's
-    ``config.yaml`` when B is a run or checkpoint directory, else the defaults.
-    """
-    parser = argparse.ArgumentParser(prog="delta-megatron analyze dlogp", description=dlogp_main.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _dlogp_parser() -> argparse.ArgumentParser:
+    parser = command_parser(
+        "delta-megatron analyze dlogp",
+        "Sample responses from the base and / or the RL model, score every token with both models\n"
+        "(Δlog p = log π_RL − log π_Base, both entropies, KL(π_RL ‖ π_Base)), and show where RL moved\n"
+        "probability: histograms by sampling model, the most moved tokens, base sampling with the tokens\n"
+        "a rule picks (Δlog p, KL, entropy, random) resampled from the RL model (baselines.md 9.1), and\n"
+        "for a DelTA run the λ̄ of its recorded samples against their Δlog p.",
+        """\
+        --base / --rl: HF directories or our run / checkpoint directories (the latest checkpoint is
+        exported to <out>/models/); --data: a dataset file or short name (problem + answer) or
+        synthetic:arith@eval; the run config (template, reward, tokenizer) from --config / --recipe,
+        else the RL run's config.yaml when --rl is a run or checkpoint directory, else the defaults;
+        dotted overrides""",
+        """\
+        in --out: dlogp.md (statistics, most moved tokens, curve table, λ̄ correlation),
+        dlogp_histograms.png, replacement_curve.png, lambda_vs_dlogp.png (DelTA runs) and
+        token_stats.csv (one row per scored token); dlogp.md is printed too""",
+        ["delta-megatron analyze dlogp --base runs/demo/sft_model --rl runs/demo/delta "
+         "--data synthetic:arith@eval --k 8 --max-prompts 256 --out runs/demo/analysis"])
     parser.add_argument("--base", required=True, help="base model: HF dir or run / checkpoint dir")
     parser.add_argument("--rl", required=True, help="RL model: HF dir or run / checkpoint dir")
     parser.add_argument("--data", required=True, help="prompts with answers (file, short name or synthetic:…)")
@@ -64,7 +87,13 @@ def dlogp_main(argv: list[str]) -> int:
                         "the RL run when --rl is a run or checkpoint directory)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.template=plain")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def dlogp_main(argv: list[str]) -> int:
+    """``delta-megatron analyze dlogp``: see :func:`_dlogp_parser` (``--help``)."""
+    parser = _dlogp_parser()
+    args = parser.parse_intermixed_args(argv)
     if args.k < 1 or args.max_prompts < 1:
         parser.error(f"--k {args.k} / --max-prompts {args.max_prompts}: both must be >= 1")
     try:
@@ -109,8 +138,9 @@ def dlogp_main(argv: list[str]) -> int:
     rl = load_model(args.rl, out / "models" / "rl", "--rl", tokenizer=tokenizer)
     check_same_vocab(base, rl, f"--base {args.base}", f"--rl {args.rl}")
     synthetic = builders.arithmetic_task(cfg).cfg if args.data.startswith("synthetic:") else None
-    examples = list(load_dataset(args.data, max_rows=args.max_prompts, synthetic=synthetic))
     encode = builders.prompt_encoder(cfg, tokenizer)
+    examples = list(builders.limit_prompts(
+        cfg, load_dataset(args.data, max_rows=args.max_prompts, synthetic=synthetic), encode))
     reward = builders.build_reward(cfg)
     study = _Study(base, rl, tokenizer, encode, reward, examples, args, max_new)
     try:

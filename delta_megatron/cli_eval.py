@@ -74,12 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # heavy imports only once the command line is known to be usable
 
     from delta_megatron import builders
+    from delta_megatron.cli_export import hf_model_dir
     from delta_megatron.eval.evaluate import evaluate
     from delta_megatron.eval.report import compare_markdown, write_report
     from delta_megatron.rollout import make_engine
     from delta_megatron.rollout.requests import step_seed, text_generator
-
-    from delta_megatron.cli_export import hf_model_dir
 
     torch.set_grad_enabled(False)
     # the base model as an HF dir (a run / checkpoint is exported first): model.hf_path, which also

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 
-from delta_megatron.rollout.engine import GenerateRequest, RolloutError, Sample, SamplingParams, sample_slots
+from delta_megatron.rollout.engine import (
+    GenerateRequest,
+    RolloutError,
+    Sample,
+    SamplingParams,
+    room_in_context,
+    sample_slots,
+)
 from delta_megatron.rollout.extrapolation import ExtrapolationConfig, extrapolation_step
 from delta_megatron.utils.configs import validate
 
@@ -131,6 +138,9 @@ class ExtrapolatingEngine:
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         self.eos_token_ids = tuple(int(t) for t in eos)
         self.batch_size = int(batch_size)
+        # as every engine: a sample is cut ("length") at the shorter of the two models' contexts
+        contexts = [c for m in (base, rl) if (c := getattr(m.config, "max_position_embeddings", None))]
+        self.context_len: int | None = min(contexts) if contexts else None
         self.weight_version = 0
         self._seed_gen = torch.Generator().manual_seed(seed)
         self.stats = DecodeStats()
@@ -163,10 +173,11 @@ class ExtrapolatingEngine:
         out: dict[tuple[str, int], Sample] = {}
         groups: dict[tuple, list[tuple[GenerateRequest, int]]] = {}
         for req, idx in rows:
-            if req.remaining_tokens == 0:
+            remaining = room_in_context(req, self.context_len)
+            if remaining == 0:
                 out[(req.request_id, idx)] = self._sample(req, idx, [], [], "length")
             else:  # requests that differ only in seed share micro-batches
-                groups.setdefault((req.params.replace(n=1, seed=None), req.remaining_tokens), []).append((req, idx))
+                groups.setdefault((req.params.replace(n=1, seed=None), remaining), []).append((req, idx))
         for (params, remaining), group in groups.items():
             cfg = self._config_for(params)
             for start in range(0, len(group), self.batch_size):
@@ -235,6 +246,13 @@ class ExtrapolatingEngine:
 
     def update_weights_from_disk(self, path: str | Path, **_kw) -> int:
         return self.update_weights(())
+
+    def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        raise RolloutError("ExtrapolatingEngine is not colocated with a trainer; it holds its two models "
+                           "for the whole evaluation (nothing to release)")
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        self.release_memory_occupation(tags)
 
     def abort(self, request_ids: Iterable[str] | None = None) -> None:
         """Nothing to abort: ``generate`` runs to completion in the caller's thread."""

@@ -201,6 +201,20 @@ def test_seed_reproducible_and_independent_of_batch(model):
     assert [s.response_ids for s in twins[:3]] != [s.response_ids for s in twins[3:]]
 
 
+def test_samples_stop_at_the_shorter_context():
+    """As every engine: prompt + response never exceed max_position_embeddings, here the RL model's 6
+    (the base model allows 8); a prompt that fills the context is an error naming the request."""
+    base, rl = _ConstantLM(BASE_P.log()), _ConstantLM(RL_P.log())
+    base.config.max_position_embeddings, rl.config.max_position_embeddings = 8, 6
+    engine = ExtrapolatingEngine(base, rl, pad_token_id=0, eos_token_id=[])
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=10, n=2, seed=1)
+    samples = engine.generate([GenerateRequest("two", [1, 2], params), GenerateRequest("five", [1] * 5, params)])
+    assert [len(s.response_ids) for s in samples] == [4, 4, 1, 1]
+    assert {s.finish_reason for s in samples} == {"length"}
+    with pytest.raises(RolloutError, match="'six' has 6 prompt tokens.*context of 6"):
+        engine.generate([GenerateRequest("six", [1] * 6, params)])
+
+
 # ------------------------------------------------------------------ errors
 def test_mismatched_vocabularies_are_refused(model):
     other = _ConstantLM(torch.zeros(20))
@@ -224,3 +238,5 @@ def test_bad_settings_name_the_field(model):
         engine.generate([GenerateRequest("k", [5], SamplingParams(top_k=5))])
     with pytest.raises(RolloutError, match="no weight updates"):
         engine.update_weights([])
+    with pytest.raises(RolloutError, match="not colocated"):
+        engine.release_memory_occupation(["kv_cache"])

@@ -374,6 +374,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out_png: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 COLORS = {"base": "tab:blue", "rl": "tab:orange"}
 
 
@@ -400,10 +407,7 @@ def plot_histograms(tables: dict, out_png: Path) -> Path:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)
 
 
 def plot_curve(curve: list, accuracy: dict[str, float], out_png: Path) -> Path:
@@ -427,10 +431,7 @@ def plot_curve(curve: list, accuracy: dict[str, float], out_png: Path) -> Path:
     ax.set_title("Base sampling with selected tokens resampled from π_RL")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)
 
 
 def plot_lambda(lam: dict, out_png: Path) -> Path:
@@ -446,10 +447,7 @@ def plot_lambda(lam: dict, out_png: Path) -> Path:
     ax.set_ylabel("DelTA λ̄ (during the run)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,15 @@ class GenerateRequest:
     def sample_id(self, index: int) -> str:
         return f"{self.request_id}-{index}"
 
+    def sample(self, index: int, tokens: list[int], logprobs: list[float], finish_reason: FinishReason,
+               weight_version: int) -> Sample:
+        """Response ``index`` of this request: newly generated ``tokens`` after the carried-over prefix."""
+        return Sample(request_id=self.request_id, index=index, prompt_ids=list(self.prompt_ids),
+                      response_ids=list(self.response_prefix_ids) + tokens,
+                      logprobs=list(self.response_prefix_logprobs) + logprobs, finish_reason=finish_reason,
+                      group_id=self.group_id, weight_version=weight_version,
+                      prefix_len=len(self.response_prefix_ids))
+
 
 @dataclass
 class Sample:

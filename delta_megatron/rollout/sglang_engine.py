@@ -306,11 +306,7 @@ class SGLangEngine:
 
     def _sample(self, req: GenerateRequest, idx: int, tokens: list[int], logprobs: list[float],
                 reason: str) -> Sample:
-        return Sample(request_id=req.request_id, index=idx, prompt_ids=list(req.prompt_ids),
-                      response_ids=list(req.response_prefix_ids) + tokens,
-                      logprobs=list(req.response_prefix_logprobs) + logprobs, finish_reason=reason,
-                      group_id=req.group_id, weight_version=self.weight_version,
-                      prefix_len=len(req.response_prefix_ids))
+        return req.sample(idx, tokens, logprobs, reason, self.weight_version)
 
     @staticmethod
     def _new_rid(req: GenerateRequest, idx: int) -> str:

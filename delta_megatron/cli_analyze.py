@@ -127,35 +127,35 @@ def dlogp_main(argv: list[str]) -> int:
     quiet_third_party_warnings()
     import torch
 
-    torch.set_grad_enabled(False)
-    from delta_megatron import builders
-    from delta_megatron.cli_eval import load_model
-    from delta_megatron.data.datasets import load_dataset
-    from delta_megatron.rollout.extrapolating import check_same_vocab
+    with torch.no_grad():  # inference only, scoped: an in-process caller keeps its grad mode
+        from delta_megatron import builders
+        from delta_megatron.cli_eval import load_model
+        from delta_megatron.data.datasets import load_dataset
+        from delta_megatron.rollout.extrapolating import check_same_vocab
 
-    tokenizer, _ = builders.build_tokenizer(cfg, out)
-    base = load_model(args.base, out / "models" / "base", "--base")
-    rl = load_model(args.rl, out / "models" / "rl", "--rl", tokenizer=tokenizer)
-    check_same_vocab(base, rl, f"--base {args.base}", f"--rl {args.rl}")
-    synthetic = builders.arithmetic_task(cfg).cfg if args.data.startswith("synthetic:") else None
-    encode = builders.prompt_encoder(cfg, tokenizer)
-    examples = list(builders.limit_prompts(
-        cfg, load_dataset(args.data, max_rows=args.max_prompts, synthetic=synthetic), encode))
-    reward = builders.build_reward(cfg)
-    study = _Study(base, rl, tokenizer, encode, reward, examples, args, max_new)
-    try:
-        sources = ["base", "rl"] if args.samples_from == "both" else [args.samples_from]
-        tables = {s: study.sample_and_score(s) for s in sources}
-        calib = tables.get("base", tables[sources[0]])
-        curve = study.replacement_curve(decode_cfg, calib, rates) if rates else []
-    finally:
-        reward.close()
-    lam = lambda_correlation(Path(args.lambda_run) if args.lambda_run else run_dir, base, rl, tokenizer)
-    md = write_report(out, tables, study.accuracy, curve, lam, tokenizer, vars(args), max_new)
-    print(md.read_text(encoding="utf-8"))
-    print(f"wrote {md}, {out / 'dlogp_histograms.png'}, {out / 'token_stats.csv'}"
-          + (f", {out / 'replacement_curve.png'}" if curve else ""))
-    return 0
+        tokenizer, _ = builders.build_tokenizer(cfg, out)
+        base = load_model(args.base, out / "models" / "base", "--base")
+        rl = load_model(args.rl, out / "models" / "rl", "--rl", tokenizer=tokenizer)
+        check_same_vocab(base, rl, f"--base {args.base}", f"--rl {args.rl}")
+        synthetic = builders.arithmetic_task(cfg).cfg if args.data.startswith("synthetic:") else None
+        encode = builders.prompt_encoder(cfg, tokenizer)
+        examples = list(builders.limit_prompts(
+            cfg, load_dataset(args.data, max_rows=args.max_prompts, synthetic=synthetic), encode))
+        reward = builders.build_reward(cfg)
+        study = _Study(base, rl, tokenizer, encode, reward, examples, args, max_new)
+        try:
+            sources = ["base", "rl"] if args.samples_from == "both" else [args.samples_from]
+            tables = {s: study.sample_and_score(s) for s in sources}
+            calib = tables.get("base", tables[sources[0]])
+            curve = study.replacement_curve(decode_cfg, calib, rates) if rates else []
+        finally:
+            reward.close()
+        lam = lambda_correlation(Path(args.lambda_run) if args.lambda_run else run_dir, base, rl, tokenizer)
+        md = write_report(out, tables, study.accuracy, curve, lam, tokenizer, vars(args), max_new)
+        print(md.read_text(encoding="utf-8"))
+        print(f"wrote {md}, {out / 'dlogp_histograms.png'}, {out / 'token_stats.csv'}"
+              + (f", {out / 'replacement_curve.png'}" if curve else ""))
+        return 0
 
 
 def _run_dir(path: str) -> Path | None:

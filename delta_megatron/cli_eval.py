@@ -80,61 +80,61 @@ def main(argv: list[str] | None = None) -> int:
     from delta_megatron.rollout import make_engine
     from delta_megatron.rollout.requests import step_seed, text_generator
 
-    torch.set_grad_enabled(False)
-    # the base model as an HF dir (a run / checkpoint is exported first): model.hf_path, which also
-    # supplies the tokenizer of real datasets
-    cfg.model.hf_path = str(hf_model_dir(model_src, out / "models" / "base", "--model"))
-    tokenizer, _ = builders.build_tokenizer(cfg, out)
-    encode = builders.prompt_encoder(cfg, tokenizer)
-    eval_sets = [builders.limit_prompts(cfg, ds, encode) for ds in builders.build_datasets(cfg)[1]]
-    if not eval_sets:
-        parser.error("no eval sets: set data.eval (e.g. data.eval=[aime24,math500])")
-    reward = builders.build_reward(cfg)
+    with torch.no_grad():  # inference only, scoped: an in-process caller keeps its grad mode
+        # the base model as an HF dir (a run / checkpoint is exported first): model.hf_path, which also
+        # supplies the tokenizer of real datasets
+        cfg.model.hf_path = str(hf_model_dir(model_src, out / "models" / "base", "--model"))
+        tokenizer, _ = builders.build_tokenizer(cfg, out)
+        encode = builders.prompt_encoder(cfg, tokenizer)
+        eval_sets = [builders.limit_prompts(cfg, ds, encode) for ds in builders.build_datasets(cfg)[1]]
+        if not eval_sets:
+            parser.error("no eval sets: set data.eval (e.g. data.eval=[aime24,math500])")
+        reward = builders.build_reward(cfg)
 
-    def run(engine):  # the same per-call seeds for every decoding: paired comparisons
-        generate = text_generator(engine, tokenizer, encode,
-                                  lambda call: step_seed(cfg.train.seed, 20_000_000 + call + 1, "round0"))
-        return evaluate(generate, eval_sets, reward, cfg.eval.settings(), prompt_fn=lambda ex: ex)
+        def run(engine):  # the same per-call seeds for every decoding: paired comparisons
+            generate = text_generator(engine, tokenizer, encode,
+                                      lambda call: step_seed(cfg.train.seed, 20_000_000 + call + 1, "round0"))
+            return evaluate(generate, eval_sets, reward, cfg.eval.settings(), prompt_fn=lambda ex: ex)
 
-    try:
-        base = load_model(cfg.model.hf_path, out / "models" / "base", "--model")
-        engine_of = {}  # decoding label -> engine
+        try:
+            base = load_model(cfg.model.hf_path, out / "models" / "base", "--model")
+            engine_of = {}  # decoding label -> engine
+            if extrapolation is None:
+                engine_of["model"] = make_engine(cfg.rollout, model=base, pad_token_id=tokenizer.pad_token_id,
+                                                 eos_token_id=tokenizer.eos_token_id, seed=cfg.train.seed)
+            else:
+                from delta_megatron.rollout.extrapolating import check_same_vocab
+
+                rl = load_model(args.rl, out / "models" / "rl", "--rl", tokenizer=tokenizer)
+                check_same_vocab(base, rl, f"--model {model_src}", f"--rl {args.rl}")
+                engine_of.update(two_model_engines(base, rl, extrapolation, tokenizer, cfg.rollout.batch_size,
+                                                   cfg.train.seed))
+                engine_of["rl"] = make_engine(cfg.rollout, model=rl, pad_token_id=tokenizer.pad_token_id,
+                                              eos_token_id=tokenizer.eos_token_id, seed=cfg.train.seed)
+            results, extra = {}, {}
+            for label, engine in engine_of.items():
+                results[label] = run(engine)
+                stats = getattr(engine, "stats", None)
+                if stats is not None:
+                    extra[label] = {"resampled %": stats.selected_frac, "changed %": stats.changed_frac}
+        finally:
+            reward.close()
         if extrapolation is None:
-            engine_of["model"] = make_engine(cfg.rollout, model=base, pad_token_id=tokenizer.pad_token_id,
-                                             eos_token_id=tokenizer.eos_token_id, seed=cfg.train.seed)
-        else:
-            from delta_megatron.rollout.extrapolating import check_same_vocab
-
-            rl = load_model(args.rl, out / "models" / "rl", "--rl", tokenizer=tokenizer)
-            check_same_vocab(base, rl, f"--model {model_src}", f"--rl {args.rl}")
-            engine_of.update(two_model_engines(base, rl, extrapolation, tokenizer, cfg.rollout.batch_size,
-                                               cfg.train.seed))
-            engine_of["rl"] = make_engine(cfg.rollout, model=rl, pad_token_id=tokenizer.pad_token_id,
-                                          eos_token_id=tokenizer.eos_token_id, seed=cfg.train.seed)
-        results, extra = {}, {}
-        for label, engine in engine_of.items():
-            results[label] = run(engine)
-            stats = getattr(engine, "stats", None)
-            if stats is not None:
-                extra[label] = {"resampled %": stats.selected_frac, "changed %": stats.changed_frac}
-    finally:
-        reward.close()
-    if extrapolation is None:
-        print(results["model"].to_markdown(), end="")
-        md, _ = write_report(results["model"], out)
-        print(f"wrote {md} and {md.with_suffix('.csv')}")
+            print(results["model"].to_markdown(), end="")
+            md, _ = write_report(results["model"], out)
+            print(f"wrote {md} and {md.with_suffix('.csv')}")
+            return 0
+        table = compare_markdown(results, extra)
+        out.mkdir(parents=True, exist_ok=True)
+        header = (f"Selective extrapolation (baselines.md §9.3): tau={extrapolation.tau}, gamma={extrapolation.gamma}, "
+                  f"candidates={extrapolation.num_logprobs}, temperature={extrapolation.temperature}, "
+                  f"top_p={extrapolation.top_p}, k={cfg.eval.k}\n\n")
+        (out / "eval.md").write_text(header + table, encoding="utf-8")
+        for label, res in results.items():
+            (out / f"eval_{label.split()[0]}.csv").write_text(res.to_csv(), encoding="utf-8")
+        print(header + table, end="")
+        print(f"wrote {out / 'eval.md'} and eval_<decoding>.csv")
         return 0
-    table = compare_markdown(results, extra)
-    out.mkdir(parents=True, exist_ok=True)
-    header = (f"Selective extrapolation (baselines.md §9.3): tau={extrapolation.tau}, gamma={extrapolation.gamma}, "
-              f"candidates={extrapolation.num_logprobs}, temperature={extrapolation.temperature}, "
-              f"top_p={extrapolation.top_p}, k={cfg.eval.k}\n\n")
-    (out / "eval.md").write_text(header + table, encoding="utf-8")
-    for label, res in results.items():
-        (out / f"eval_{label.split()[0]}.csv").write_text(res.to_csv(), encoding="utf-8")
-    print(header + table, end="")
-    print(f"wrote {out / 'eval.md'} and eval_<decoding>.csv")
-    return 0
 
 
 def load_model(path: str | Path, work_dir: Path, flag: str, tokenizer=None):

@@ -60,6 +60,7 @@ def test_eval_compares_four_decodings_reproducibly(models, tmp_path, capsys):
         assert (tmp_path / "a" / f"eval_{name}.csv").is_file()
     assert cli_main([*args, "--out", str(tmp_path / "b")]) == 0  # same seeds, same numbers
     assert (tmp_path / "b" / "eval.md").read_text() == table
+    assert torch.is_grad_enabled()  # in-process callers (these tests) keep their grad mode
     capsys.readouterr()
 
 
@@ -75,6 +76,7 @@ def test_analyze_dlogp_writes_consistent_report(models, tmp_path):
     assert cli_main(["analyze", "dlogp", "--base", str(base), "--rl", str(rl), "--data", "synthetic:arith@eval",
                      *RECIPE, "--out", str(out), "--k", "2", "--max-prompts", "5", "--rates", "0.25",
                      "--lambda-run", str(run), f"data.tokenizer={base}"]) == 0
+    assert torch.is_grad_enabled()
     for name in ("dlogp.md", "dlogp_histograms.png", "replacement_curve.png", "lambda_vs_dlogp.png"):
         assert (out / name).stat().st_size > 0, name
     with open(out / "token_stats.csv") as fh:

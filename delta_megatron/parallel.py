@@ -25,7 +25,7 @@ import torch.distributed as dist
 from delta_megatron.utils.configs import Section, fail, option
 
 __all__ = ["ParallelConfig", "Groups", "init_distributed", "destroy", "get_groups", "is_initialized", "free_port",
-           "broadcast_object"]
+           "broadcast_object", "fail_together"]
 
 
 @dataclass
@@ -208,3 +208,20 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def fail_together(error: BaseException | None, what: str, error_type: type[Exception] = RuntimeError,
+                  group=None) -> None:
+    """Collective: if any rank of ``group`` hit ``error``, every rank raises one ``error_type`` naming
+    the failing ranks and their messages, so no rank is left waiting in a later collective. In one
+    process ``error`` itself is raised."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        if error is not None:
+            raise error
+        return
+    messages: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    failed = {r: m for r, m in enumerate(messages) if m is not None}
+    if failed:
+        detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
+        raise error_type(f"{what} failed on {len(failed)} rank(s): {detail}") from error

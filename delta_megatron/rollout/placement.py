@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from delta_megatron.parallel import fail_together
 from delta_megatron.rollout.engine import RolloutError
 from delta_megatron.topology import Placement, place
 
@@ -85,16 +86,7 @@ def together(fn: Callable[[], Any], what: str, group=None) -> Any:
         result = fn()
     except Exception as err:
         error = err
-    if _world() > 1:
-        messages: list[str | None] = [None] * _world()
-        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
-                               group=group)
-        failed = {r: m for r, m in enumerate(messages) if m is not None}
-        if failed:
-            detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
-            raise RolloutError(f"{what} failed on {len(failed)} rank(s): {detail}") from error
-    elif error is not None:
-        raise error
+    fail_together(error, what, RolloutError, group)
     return result
 
 

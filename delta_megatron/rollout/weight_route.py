@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from delta_megatron.parallel import fail_together
 from delta_megatron.rollout.engine import WeightSyncError, weight_update_window
 
 __all__ = ["stage_senders", "BroadcastRoute", "DistributedRoute", "DiskRoute", "raise_together"]
@@ -54,17 +55,10 @@ def stage_senders(groups) -> list[int]:
 
 
 def raise_together(error: BaseException | None, what: str) -> None:
-    """Collective: if any rank failed, every rank raises one error naming the failing ranks."""
-    if _world() == 1:
-        if error is not None:
-            raise error if isinstance(error, WeightSyncError) else WeightSyncError(f"{what}: {error}") from error
-        return
-    messages: list[str | None] = [None] * _world()
-    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
-    failed = {r: m for r, m in enumerate(messages) if m is not None}
-    if failed:
-        detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
-        raise WeightSyncError(f"{what} failed on {len(failed)} rank(s): {detail}") from error
+    """Collective: if any rank failed, every rank raises one WeightSyncError naming the failing ranks."""
+    if error is not None and _world() == 1 and not isinstance(error, WeightSyncError):
+        raise WeightSyncError(f"{what}: {error}") from error
+    fail_together(error, what, WeightSyncError)
 
 
 def _export(actor, stage: int, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:

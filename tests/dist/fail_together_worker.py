@@ -1,0 +1,29 @@
+"""torchrun worker for tests/test_fail_together.py: 3 ranks (gloo); rank 1 fails, then every rank
+reports what ``fail_together`` raised on it (and a round where no rank fails raises nothing)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch.distributed as dist
+
+from delta_megatron.parallel import fail_together
+from delta_megatron.rollout.engine import WeightSyncError
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    fail_together(None, "a round without failures", WeightSyncError)
+    try:
+        fail_together(ValueError("disk full") if rank == 1 else None, "weight sync (disk)", WeightSyncError)
+        seen = None
+    except WeightSyncError as err:
+        seen = {"type": type(err).__name__, "message": str(err), "cause": type(err.__cause__).__name__}
+    print(json.dumps({"rank": rank, "seen": seen}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

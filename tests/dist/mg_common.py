@@ -84,6 +84,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(count: int) -> int:
+    """A base port whose ``count`` consecutive ports are free, below Linux's ephemeral range (32768+),
+    so no outgoing connection can take one of them between this check and the servers' bind."""
+    import random
+
+    rng = random.Random()  # not the global generator: tests must not change what a run draws
+    for _ in range(200):
+        base = rng.randrange(20000, 32768 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no block of {count} free ports in 20000-32767")
+
+
 def torchrun(script: str, nproc: int, args: list[str], timeout: float = 240,
              gpu: bool = False) -> str:
     """Run ``tests/dist/<script>`` under torchrun (gloo on CPU unless ``gpu``); fail with its

@@ -18,6 +18,7 @@ from delta_megatron.rollout.engine import GenerateRequest, RolloutError, Samplin
 from delta_megatron.rollout.sglang_engine import SGLangEngine
 from delta_megatron.rollout.sglang_server import launch_server_group, router_command, server_command
 from delta_megatron.rollout.weight_sync import DistributedSync
+from tests.dist.mg_common import free_port_block
 from tests.rollout.tiny import EOS, PAD, greedy_reference, tiny_model
 
 HAS_ROUTER = importlib.util.find_spec("sglang_router") is not None
@@ -68,7 +69,7 @@ def test_launch_fails_fast_with_the_log_of_a_dying_server(tmp_path):
 
 @pytest.mark.skipif(not HAS_ROUTER, reason="sglang-router is not installed")
 def test_real_router_over_two_fake_servers_and_nccl_path_on_gloo(model_dir, tmp_path):
-    cfg = SGLangConfig(servers_per_node=2, port_base=_free_port(), router_port=_free_port(),
+    cfg = SGLangConfig(servers_per_node=2, port_base=free_port_block(2), router_port=_free_port(),
                        request_timeout_s=60, max_retries=1, max_concurrency=4)
     group = launch_server_group(str(model_dir), cfg, log_dir=tmp_path, startup_timeout_s=240,
                                 port_stride=1, server_cmd=_fake_cmd(model_dir))

@@ -232,12 +232,7 @@ class HttpClient:
             self._cancelled.update(keys)
             conns = [c for k in keys for c in self._live.get(k, [])]
         for conn in conns:
-            sock = conn.sock
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shutdown(conn)
 
     def forget(self, keys: list[str]) -> None:
         """Drop cancellation marks of finished requests (keeps the set bounded)."""

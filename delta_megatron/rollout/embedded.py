@@ -48,6 +48,17 @@ __all__ = ["EmbeddedEngine"]
 _SEED_MOD = 2**62
 
 
+def left_padded(inputs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention mask) of a decode batch, left-padded: each row's last token at column -1."""
+    width = max(len(x) for x in inputs)
+    input_ids = torch.full((len(inputs), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(inputs), width), dtype=torch.long)
+    for i, ids in enumerate(inputs):
+        input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[i, width - len(ids):] = 1
+    return input_ids, attention
+
+
 class _LogprobRecorder:
     """Logits processor (first in the list) that collects log p(y_t) of each sampled token."""
 
@@ -200,13 +211,9 @@ class EmbeddedEngine:
         )
 
         device = next(self.model.parameters()).device
-        inputs = [r.prompt_ids + r.response_prefix_ids for r, _ in chunk]
-        width = max(len(x) for x in inputs)
-        input_ids = torch.full((len(inputs), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(inputs), width), dtype=torch.long)
-        for i, ids in enumerate(inputs):  # left padding: the last prompt token is at column -1
-            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[i, width - len(ids):] = 1
+        input_ids, attention = left_padded([r.prompt_ids + r.response_prefix_ids for r, _ in chunk],
+                                           self.pad_token_id)
+        width = input_ids.shape[1]
         stop_ids = sorted(set(self.eos_token_ids) | set(params.stop_token_ids))
         recorder = _LogprobRecorder(params.temperature)
         processors = [recorder]

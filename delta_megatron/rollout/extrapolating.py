@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from delta_megatron.rollout.embedded import left_padded
 from delta_megatron.rollout.engine import (
     GenerateRequest,
     RolloutError,
@@ -190,13 +191,8 @@ class ExtrapolatingEngine:
     def _decode_chunk(self, chunk: list[tuple[GenerateRequest, int]], params: SamplingParams,
                       cfg: ExtrapolationConfig, max_new: int, row_seeds: list[int]) -> dict:
         device = next(self.base.parameters()).device
-        inputs = [r.prompt_ids + r.response_prefix_ids for r, _ in chunk]
-        width = max(len(x) for x in inputs)
-        input_ids = torch.full((len(inputs), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(inputs), width), dtype=torch.long)
-        for i, ids in enumerate(inputs):  # left padding: the last prompt token is at column -1
-            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[i, width - len(ids):] = 1
+        input_ids, attention = left_padded([r.prompt_ids + r.response_prefix_ids for r, _ in chunk],
+                                           self.pad_token_id)
         input_ids, attention = input_ids.to(device), attention.to(device)
         base = _CachedLM(self.base, input_ids, attention)
         rl = _CachedLM(self.rl, input_ids, attention)

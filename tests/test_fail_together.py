@@ -18,9 +18,9 @@ def test_one_process_raises_the_error_itself():
 
 
 @pytest.mark.dist
-def test_every_rank_raises_naming_the_failing_rank():
-    out = torchrun("fail_together_worker.py", 3, [], timeout=120)
-    seen = {r["rank"]: r["seen"] for r in map(json.loads, (line for line in out.splitlines() if line.startswith("{")))}
+def test_every_rank_raises_naming_the_failing_rank(tmp_path):
+    torchrun("fail_together_worker.py", 3, ["--out", str(tmp_path)], timeout=120)
+    seen = {r["rank"]: r["seen"] for r in (json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json")))}
     assert sorted(seen) == [0, 1, 2]
     want = "weight sync (disk) failed on 1 rank(s): rank 1: ValueError: disk full"
     assert [seen[r]["message"] for r in range(3)] == [want] * 3
